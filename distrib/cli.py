@@ -1,0 +1,117 @@
+"""`distrib train | prepare | generate`: parse, call, and tear down. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distrib.config import Config, help_lines, load_config
+from distrib.errors import UserError
+
+_CONFIG_HELP = "TOML config (default: the built-in debug model); then --section.key=value overrides"
+
+
+def _config_parser(name: str, sub: argparse._SubParsersAction, help: str) -> None:
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog="config keys:\n" + "\n".join(help_lines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, default=None, help=_CONFIG_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distrib", description="Train Llama-style language models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_parser("train", sub, "train a model (resumes from the newest checkpoint by default)")
+    _config_parser("prepare", sub, "tokenize a corpus into shards (default: the Python stdlib)")
+    sub.choices["prepare"].add_argument(
+        "--force", action="store_true", help="rebuild even if a matching dataset exists"
+    )
+    gen = sub.add_parser("generate", help="sample text from a trained run")
+    gen.add_argument("--run_dir", type=Path, required=True, help="the run folder (job.run_dir)")
+    gen.add_argument("--prompt", default="def ", help="text to continue")
+    gen.add_argument("--max_new_tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest (0: all)")
+    gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    gen.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_train(cfg: Config) -> None:
+    from distrib.runtime import detect_launch, init_runtime, shutdown
+    from distrib.trainer import Trainer, check_dataset
+
+    # Everything that can be checked without a process group is checked first.
+    check_dataset(cfg.data, cfg.model)
+    _check_world(cfg, detect_launch().world_size)
+    runtime = init_runtime()
+    try:
+        Trainer(cfg, runtime).train()
+    finally:
+        shutdown()
+
+
+def _check_world(cfg: Config, world_size: int) -> None:
+    from distrib.errors import ConfigError
+
+    p = cfg.parallel
+    needed = p.dp_replicate * p.dp_shard * p.tp * p.pp
+    if needed != world_size:
+        raise ConfigError(
+            f"the parallel layout (dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x "
+            f"tp={p.tp} x pp={p.pp}) uses {needed} process(es) but {world_size} were launched; "
+            f"launch {needed} or change parallel.*"
+        )
+
+
+def cmd_prepare(cfg: Config, force: bool) -> None:
+    from distrib.data.prepare import prepare_dataset
+
+    prepare_dataset(cfg.data, cfg.model.vocab_size, cfg.training.seed, force=force)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from distrib.generate import generate_text
+
+    text = generate_text(
+        args.run_dir,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.step,
+        args.seed,
+    )
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `distrib` console script; returns the exit code."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "generate":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            cmd_generate(args)
+            return 0
+        cfg = load_config(args.config, rest)
+        if args.command == "train":
+            cmd_train(cfg)
+        else:
+            cmd_prepare(cfg, args.force)
+    except UserError as err:
+        print(f"distrib {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Typed, nested run configuration: dataclass defaults < TOML file < `--section.key=value`.
+
+Each component receives only its own section. Every field's one-line `help` is the `--help` text.
+Anything wrong (unknown key, wrong type, impossible value) raises `ConfigError` naming the key and
+what would be valid, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distrib.errors import ConfigError
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = _f("runs/debug", "folder for checkpoints, metrics.jsonl, config and logs")
+    description: str = _f("", "free text recorded with the run")
+
+
+@dataclass
+class ModelConfig:
+    dim: int = _f(256, "model (residual stream) width")
+    n_layers: int = _f(4, "number of transformer blocks")
+    n_heads: int = _f(8, "query heads per attention layer")
+    n_kv_heads: int = _f(4, "key/value heads (grouped-query attention); divides n_heads")
+    ffn_dim: int = _f(768, "hidden width of the SwiGLU feed-forward")
+    vocab_size: int = _f(4096, "embedding rows; at least the tokenizer's vocabulary")
+    max_seq_len: int = _f(512, "longest sequence the RoPE tables cover")
+    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = _f(True, "share the input embedding and output projection")
+    attention: str = _f(
+        "auto", "attention backend; auto picks flash, then sdpa", ("auto", "flash", "sdpa", "eager")
+    )
+    init_std: float = _f(0.02, "standard deviation of the weight initialization")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f(
+        "",
+        "corpus: empty for the Python standard library's source, a local .txt/.jsonl/.parquet "
+        "file or folder, or a Hugging Face hub dataset name",
+    )
+    text_field: str = _f("text", "field holding the text in .jsonl/.parquet/hub records")
+    text_sample_by: str = _f(
+        "document", "what one document is in .txt files", ("document", "paragraph", "line")
+    )
+    hub_split: str = _f("train", "split to read from a hub dataset")
+    tokenizer: str = _f(
+        "", "empty to train a byte-level BPE, or a tokenizer.json file or HF tokenizer folder"
+    )
+    dir: str = _f("data/stdlib", "folder of the prepared dataset (shards, manifest, tokenizer)")
+    seq_len: int = _f(256, "tokens per training sequence; at most model.max_seq_len")
+    val_fraction: float = _f(0.05, "fraction of documents (files for the default corpus) held out")
+    cross_document_attention: bool = _f(
+        True, "false masks attention across document boundaries in packed sequences"
+    )
+    max_documents: int = _f(0, "stop reading the corpus after this many documents (0: all)")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = _f(200, "optimizer steps to train")
+    stop_at_step: int = _f(
+        0, "save and stop after this step without changing the schedule (0: run to the end)"
+    )
+    seed: int = _f(1234, "seed for initialization and data order")
+    global_batch_size: int = _f(16, "sequences per optimizer step, whatever the layout")
+    micro_batch_size: int = _f(8, "sequences per forward pass on one data-parallel rank")
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr: float = _f(3e-4, "learning rate at the end of the decay")
+    warmup_steps: int = _f(20, "linear warmup steps from 0 to lr")
+    schedule: str = _f("cosine", "decay after warmup", ("cosine", "linear", "wsd", "constant"))
+    decay_fraction: float = _f(0.2, "wsd only: fraction of steps spent in the final decay")
+    weight_decay: float = _f(0.1, "AdamW weight decay (never applied to norms and biases)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
+    dtype: str = _f("float32", "compute dtype (bfloat16 = autocast)", ("float32", "bfloat16"))
+    eval_every: int = _f(50, "evaluate on the validation split every N steps (0: never)")
+    eval_steps: int = _f(4, "validation batches (of global_batch_size) per evaluation")
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = _f(1, "replicated data-parallel degree (DDP; HSDP with dp_shard)")
+    dp_shard: int = _f(1, "sharded data-parallel degree (FSDP2); -1 infers from the world size")
+    tp: int = _f(1, "tensor-parallel degree")
+    pp: int = _f(1, "pipeline-parallel degree")
+    engine: str = _f("native", "training engine", ("native", "deepspeed"))
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _f(100, "save every N steps (0: only at the end)")
+    keep: int = _f(3, "keep the newest N checkpoints (0: keep all)")
+    resume: str = _f("auto", "auto (newest complete checkpoint), never, or a checkpoint path")
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = _f(10, "append to metrics.jsonl every N steps")
+    progress: bool = _f(True, "show a progress bar on rank 0")
+    tensorboard: bool = _f(False, "write TensorBoard events to <run_dir>/tensorboard")
+    wandb: bool = _f(False, "log to Weights & Biases (needs the wandb extra)")
+    peak_tflops: float = _f(0.0, "device peak TFLOP/s for MFU (0: look up the device)")
+    wandb_project: str = _f("distrib", "W&B project name")
+    wandb_run_name: str = _f("", "W&B run name (empty: the run folder's name)")
+
+
+@dataclass
+class Config:
+    job: JobConfig = field(default_factory=JobConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# Resolved once: with postponed annotations the dataclass field types are strings.
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+_HINTS: dict[str, dict[str, type]] = {n: typing.get_type_hints(c) for n, c in SECTIONS.items()}
+
+
+def _nearest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}valid: {', '.join(options)}"
+
+
+def _coerce(key: str, value: Any, kind: type, from_text: bool) -> Any:
+    """Convert a TOML value (or a command-line string) to the field's type, or explain why not."""
+    if from_text and isinstance(value, str):
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            if kind is int:
+                return int(value)
+            if kind is float:
+                return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {kind.__name__}, got '{value}'") from None
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"unknown section '{section}' in '{key}': {_nearest(section, list(SECTIONS))}"
+        )
+    hints = _HINTS[section]
+    if not name or name not in hints:
+        options = [f"{section}.{n}" for n in hints]
+        raise ConfigError(f"unknown key '{key}': {_nearest(key, options)}")
+    obj = getattr(cfg, section)
+    setattr(obj, name, _coerce(key, value, hints[name], from_text))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`--a.b=v` or `--a.b v` pairs from a command line; anything else is an error."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(
+                f"unexpected argument '{arg}': overrides look like --section.key=value"
+            )
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then command-line overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(
+                    f"{path}: '{section}' must be a [section] table: {_nearest(section, list(SECTIONS))}"
+                )
+            for name, value in values.items():
+                _set(cfg, f"{section}.{name}", value, from_text=False)
+    for key, value in parse_overrides(overrides or []):
+        _set(cfg, key, value, from_text=True)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_choices(cfg: Config) -> None:
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            choices = f.metadata.get("choices")
+            value = getattr(obj, f.name)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"{section}.{f.name} = '{value}' is not valid: {_nearest(str(value), list(choices))}"
+                )
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values; messages name the key and what would be valid."""
+    _check_choices(cfg)
+    m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.parallel
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _check(
+        m.n_heads % m.n_kv_heads == 0,
+        f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
+        f"valid n_kv_heads: {[k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]}",
+    )
+    _check(
+        m.dim % m.n_heads == 0 and (m.dim // m.n_heads) % 2 == 0,
+        f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads}) into an even head dim",
+    )
+    _check(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps must be > 0")
+    _check(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    _check(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); "
+        f"lower data.seq_len or raise model.max_seq_len",
+    )
+    _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _check(d.max_documents >= 0, f"data.max_documents must be >= 0, got {d.max_documents}")
+    _check(t.steps > 0, f"training.steps must be positive, got {t.steps}")
+    _check(t.stop_at_step >= 0, f"training.stop_at_step must be >= 0, got {t.stop_at_step}")
+    _check(
+        t.micro_batch_size > 0,
+        f"training.micro_batch_size must be positive, got {t.micro_batch_size}",
+    )
+    _check(
+        t.global_batch_size > 0,
+        f"training.global_batch_size must be positive, got {t.global_batch_size}",
+    )
+    _check(
+        t.lr > 0 and 0 <= t.min_lr <= t.lr,
+        f"need 0 <= training.min_lr ({t.min_lr}) <= training.lr ({t.lr}) and lr > 0",
+    )
+    _check(t.warmup_steps >= 0, f"training.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(
+        0.0 < t.decay_fraction <= 1.0,
+        f"training.decay_fraction must be in (0, 1], got {t.decay_fraction}",
+    )
+    _check(
+        t.weight_decay >= 0 and t.max_grad_norm >= 0,
+        "training.weight_decay and training.max_grad_norm must be >= 0",
+    )
+    _check(
+        0 <= t.beta1 < 1 and 0 <= t.beta2 < 1 and t.eps > 0,
+        "training.beta1/beta2 must be in [0, 1) and eps > 0",
+    )
+    _check(
+        t.eval_every >= 0 and t.eval_steps > 0,
+        "training.eval_every must be >= 0 and training.eval_steps > 0",
+    )
+    _validate_parallel(p)
+    if p.dp_replicate > 0 and p.dp_shard > 0:
+        grad_accum_steps(t, p.dp_replicate * p.dp_shard)
+    c = cfg.checkpoint
+    _check(c.interval >= 0 and c.keep >= 0, "checkpoint.interval and checkpoint.keep must be >= 0")
+    _check(c.resume != "", "checkpoint.resume must be auto, never, or a checkpoint path")
+    _check(
+        cfg.metrics.log_every > 0,
+        f"metrics.log_every must be positive, got {cfg.metrics.log_every}",
+    )
+    _check(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops must be >= 0")
+
+
+def _validate_parallel(p: ParallelConfig) -> None:
+    degrees = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp}
+    for key, value in degrees.items():
+        _check(
+            value == -1 or value > 0, f"parallel.{key} must be positive or -1 (infer), got {value}"
+        )
+    _check(
+        list(degrees.values()).count(-1) <= 1,
+        "at most one of parallel.dp_replicate, dp_shard, tp, pp may be -1 (inferred)",
+    )
+    # The layouts land with the parallelism work; until then only one process per model replica
+    # with no sharding is supported, and saying otherwise must fail loudly, not run wrong.
+    unsupported = {k: v for k, v in degrees.items() if v != 1}
+    _check(
+        not unsupported and p.engine == "native",
+        f"parallel layout {unsupported or {'engine': p.engine}} is not supported yet: "
+        "set parallel.dp_replicate = dp_shard = tp = pp = 1 and parallel.engine = 'native'",
+    )
+
+
+def grad_accum_steps(training: TrainingConfig, dp_degree: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank; the global batch must divide."""
+    per_step = training.micro_batch_size * dp_degree
+    if training.global_batch_size % per_step:
+        valid = [n for n in range(per_step, 4 * training.global_batch_size + 1, per_step)][:4]
+        raise ConfigError(
+            f"training.global_batch_size ({training.global_batch_size}) is not a multiple of "
+            f"training.micro_batch_size ({training.micro_batch_size}) x data-parallel degree "
+            f"({dp_degree}); valid global batch sizes include {valid}"
+        )
+    return training.global_batch_size // per_step
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict (for config.json in the run folder and checkpoint manifests)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, dict[str, Any]]) -> Config:
+    """Inverse of `to_dict`, validated the same way as a TOML file."""
+    cfg = Config()
+    for section, values in data.items():
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value, from_text=False)
+    validate(cfg)
+    return cfg
+
+
+def help_lines() -> list[str]:
+    """One line per key with its type, default and help, for `distrib train --help`."""
+    lines = []
+    defaults = Config()
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(defaults, section)):
+            kind = _HINTS[section][f.name].__name__
+            default = getattr(getattr(defaults, section), f.name)
+            choices = f.metadata.get("choices")
+            extra = f" ({'|'.join(choices)})" if choices else ""
+            lines.append(
+                f"  --{section}.{f.name} {kind} = {default!r}: {f.metadata['help']}{extra}"
+            )
+    return lines

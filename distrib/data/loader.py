@@ -1,0 +1,195 @@
+"""Packed token batches, sharded by data-parallel rank, with exact resume.
+
+Sample j of a split is the window of seq_len + 1 tokens starting at j * seq_len of its token
+stream (consecutive windows share one token, so every token is a label exactly once). Each epoch
+permutes the samples with `default_rng([seed, epoch])`; global batch i is the slice
+perm[i*G : (i+1)*G] and data-parallel rank r takes the r-th contiguous 1/dp of it. A global batch
+therefore holds the same sequences whatever the data-parallel degree, and the loader state (epoch,
+batch index) does not depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from distrib.config import DataConfig, TrainingConfig
+from distrib.data.shards import TokenShards
+from distrib.errors import DataError
+
+
+@dataclass
+class Batch:
+    """One micro-batch: next-token targets and, when asked, per-token document ids."""
+
+    inputs: torch.Tensor  # int64 [B, L]
+    labels: torch.Tensor  # int64 [B, L]: inputs shifted left by one
+    doc_ids: torch.Tensor | None = None  # int64 [B, L]: document index of each input token
+
+
+def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Document index of each token within its row: the number of EOS strictly before it.
+
+    The EOS ending a document belongs to that document, so attention masks built from these ids
+    let the EOS see its own document.
+    """
+    is_eos = (inputs == eos_id).to(torch.int64)
+    return torch.cumsum(is_eos, dim=-1) - is_eos
+
+
+def _too_small(split: str, num_tokens: int, sequences: int, seq_len: int) -> DataError:
+    more = "raise data.val_fraction, " if split == "val" else ""
+    return DataError(
+        f"split '{split}' has {num_tokens:,} tokens, but one global batch of {sequences} "
+        f"sequences needs {sequences * seq_len + 1:,} (global batch x seq_len + 1); lower "
+        f"data.seq_len or training.global_batch_size, {more}or use a bigger corpus"
+    )
+
+
+class TokenLoader:
+    """Deterministic, resumable batches of one split for data-parallel rank `dp_rank`."""
+
+    def __init__(
+        self,
+        shards: TokenShards,
+        seq_len: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        shuffle: bool = True,
+        document_ids: bool = False,
+    ) -> None:
+        if seq_len <= 0 or micro_batch_size <= 0 or global_batch_size <= 0:
+            raise ValueError("seq_len, global_batch_size and micro_batch_size must be positive")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size={dp_size})")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(
+                f"global batch size {global_batch_size} is not divisible by micro batch size "
+                f"{micro_batch_size} x data-parallel size {dp_size}"
+            )
+        self.shards = shards
+        self.seq_len = seq_len
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.document_ids = document_ids
+        self.num_samples = max(shards.num_tokens - 1, 0) // seq_len
+        if self.num_samples < global_batch_size:
+            raise _too_small(shards.split, shards.num_tokens, global_batch_size, seq_len)
+        self.epoch = 0
+        self.batch_index = 0  # next global batch within the epoch
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full global batches per epoch (a trailing partial batch is dropped)."""
+        return self.num_samples // self.global_batch_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step on this rank."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:  # one permutation per epoch, kept until it rolls over
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch])
+                self._perm = rng.permutation(self.num_samples)
+            else:
+                self._perm = np.arange(self.num_samples)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def global_batch_samples(self) -> np.ndarray:
+        """Sample ids of the next global batch (all ranks), without advancing."""
+        g = self.global_batch_size
+        return self._permutation()[self.batch_index * g : (self.batch_index + 1) * g]
+
+    def next_step(self) -> list[Batch]:
+        """This rank's micro-batches for the next optimizer step; advances the loader."""
+        per_rank = self.global_batch_size // self.dp_size
+        samples = self.global_batch_samples()[
+            self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank
+        ]
+        rows = self.shards.windows(samples * self.seq_len, self.seq_len + 1)
+        tokens = torch.from_numpy(rows.astype(np.int64))
+        self.batch_index += 1
+        if self.batch_index == self.steps_per_epoch:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        batches = []
+        for chunk in tokens.split(self.micro_batch_size):
+            inputs, labels = chunk[:, :-1], chunk[:, 1:]
+            ids = document_ids(inputs, self.shards.eos_id) if self.document_ids else None
+            batches.append(Batch(inputs, labels, ids))
+        return batches
+
+    def reset(self) -> None:
+        """Start again at epoch 0, batch 0 (each evaluation then sees the same batches)."""
+        self.epoch = 0
+        self.batch_index = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Position and shape of the data order; independent of dp rank and size."""
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the next global batch of a saved run; DataError if the data order differs."""
+        for key in ("num_samples", "seq_len", "global_batch_size", "seed"):
+            if key not in state:
+                raise DataError(f"loader state has no '{key}'; it was not saved by TokenLoader")
+            if int(state[key]) != getattr(self, key):
+                raise DataError(
+                    f"cannot resume the data loader: {key} is {getattr(self, key)} now but "
+                    f"{state[key]} in the saved state (the dataset, data.seq_len, "
+                    "training.global_batch_size or training.seed changed)"
+                )
+        epoch, index = int(state["epoch"]), int(state["batch_index"])
+        if epoch < 0 or not 0 <= index < self.steps_per_epoch:
+            raise DataError(f"loader state out of range: epoch {epoch}, batch_index {index}")
+        self.epoch, self.batch_index = epoch, index
+
+
+def build_loaders(
+    data: DataConfig, training: TrainingConfig, dp_rank: int, dp_size: int
+) -> tuple[TokenLoader, TokenLoader]:
+    """The train loader and the (unshuffled) val loader over the dataset in `data.dir`.
+
+    Val uses the training global batch when the split holds one, else the most full sequences
+    it holds, rounded down to a multiple of micro batch x data-parallel size.
+    """
+    common = {
+        "seq_len": data.seq_len,
+        "micro_batch_size": training.micro_batch_size,
+        "dp_rank": dp_rank,
+        "dp_size": dp_size,
+        "seed": training.seed,
+        "document_ids": not data.cross_document_attention,
+    }
+    train = TokenLoader(
+        TokenShards.open(data.dir, "train"), global_batch_size=training.global_batch_size, **common
+    )
+    val_shards = TokenShards.open(data.dir, "val")
+    per_step = training.micro_batch_size * dp_size
+    val_samples = max(val_shards.num_tokens - 1, 0) // data.seq_len
+    val_batch = min(training.global_batch_size, val_samples // per_step * per_step)
+    if val_batch < per_step:
+        raise _too_small("val", val_shards.num_tokens, per_step, data.seq_len)
+    val = TokenLoader(val_shards, global_batch_size=val_batch, shuffle=False, **common)
+    return train, val

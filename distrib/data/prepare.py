@@ -1,0 +1,141 @@
+"""`distrib prepare`: corpus -> tokenizer -> pre-tokenized shards + manifest, atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distrib.config import DataConfig
+from distrib.data.shards import (
+    DEFAULT_SHARD_TOKENS,
+    ShardWriter,
+    TokenShards,
+    atomic_dir,
+    make_manifest,
+    token_dtype,
+    write_manifest,
+)
+from distrib.data.sources import SPLITS, Corpus, load_corpus
+from distrib.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
+from distrib.errors import DataError
+
+BATCH_DOCUMENTS = 1000  # documents per encode_batch call: enough to keep the Rust threads busy
+
+
+def build_tokenizer(cfg: DataConfig, corpus: Corpus, vocab_size: int) -> Tokenizer:
+    """Load `cfg.tokenizer`, or train a byte-level BPE of `vocab_size` on the train split."""
+    if not cfg.tokenizer:
+        return train_bpe(_texts(corpus.batches("train")), vocab_size)
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(
+            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} tokens, more than "
+            f"model.vocab_size = {vocab_size}; set model.vocab_size to at least "
+            f"{tokenizer.vocab_size}"
+        )
+    return tokenizer
+
+
+def _texts(batches: Iterator[list[str]]) -> Iterator[str]:
+    for batch in batches:
+        yield from batch
+
+
+def write_split(
+    corpus: Corpus,
+    split: str,
+    tokenizer: Tokenizer,
+    writer: ShardWriter,
+    order: np.ndarray | None = None,
+) -> None:
+    """Tokenize the documents of `split` in `order` and append them, each followed by EOS."""
+    for batch in corpus.batches(split, order, BATCH_DOCUMENTS):
+        encoded = tokenizer.encode_batch(batch)
+        # One flat buffer per batch: a numpy append per document would dominate the run time.
+        flat: list[int] = []
+        for ids in encoded:
+            flat += ids
+            flat.append(tokenizer.eos_id)
+        writer.append(np.array(flat, dtype=writer.dtype))
+
+
+# Data keys that only the loader reads: changing them needs no new shards.
+_LOADER_ONLY = ("seq_len", "cross_document_attention")
+
+
+def _recipe(cfg: DataConfig, vocab_size: int, seed: int) -> dict[str, Any]:
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _LOADER_ONLY}
+    return {"data": data, "requested_vocab_size": vocab_size, "seed": seed}
+
+
+def is_up_to_date(cfg: DataConfig, vocab_size: int, seed: int) -> bool:
+    """Whether cfg.dir already holds a complete dataset made from the same recipe."""
+    try:
+        manifest = TokenShards.open(Path(cfg.dir), "train").manifest
+    except DataError:
+        return False
+    return manifest.get("recipe") == _recipe(cfg, vocab_size, seed)
+
+
+def prepare_dataset(
+    cfg: DataConfig,
+    vocab_size: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+    max_shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    force: bool = False,
+) -> Path:
+    """Read the corpus, build the tokenizer, write shards + manifest + tokenizer.json to cfg.dir.
+
+    Train documents are shuffled with `seed` so the packed stream mixes sources; val keeps the
+    corpus order. The folder appears (or replaces the old one) only once complete. A folder
+    already made from the same recipe is kept as it is unless `force`.
+    """
+    if not force and is_up_to_date(cfg, vocab_size, seed):
+        log(f"{cfg.dir} is up to date (same corpus, tokenizer and seed); --force rebuilds it")
+        return Path(cfg.dir)
+    start = time.perf_counter()
+    corpus = load_corpus(cfg)
+    log(
+        f"corpus: {corpus.description}; {len(corpus.train_ids)} train / "
+        f"{len(corpus.val_ids)} val documents"
+    )
+    tokenizer = build_tokenizer(cfg, corpus, vocab_size)
+    dtype = token_dtype(tokenizer.vocab_size)
+    splits: dict[str, list[dict[str, Any]]] = {}
+    final = Path(cfg.dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(final) as tmp:
+        for split in SPLITS:
+            writer = ShardWriter(tmp, split, dtype, tokenizer.eos_id, max_shard_tokens)
+            order = None
+            if split == "train":
+                order = np.random.default_rng(seed).permutation(len(corpus.train_ids))
+            write_split(corpus, split, tokenizer, writer, order)
+            splits[split] = writer.close()
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        manifest = make_manifest(
+            dtype,
+            tokenizer.vocab_size,
+            tokenizer.eos_id,
+            splits,
+            eos_token=tokenizer.eos_token,
+            tokenizer=TOKENIZER_FILE,
+            source=corpus.description,
+            data_config=dataclasses.asdict(cfg),
+            seed=seed,
+            recipe=_recipe(cfg, vocab_size, seed),
+        )
+        write_manifest(tmp, manifest)  # last: a folder with a manifest is a complete dataset
+    seconds = time.perf_counter() - start
+    counts = ", ".join(
+        f"{k} {v['num_documents']} docs / {v['num_tokens']:,} tokens"
+        for k, v in manifest["splits"].items()
+    )
+    log(f"prepared {final}: {counts}; vocab {tokenizer.vocab_size}; {seconds:.1f} s")
+    return final

@@ -1,0 +1,17 @@
+"""Errors a user can fix: the CLI prints them without a traceback and exits with code 2."""
+
+
+class UserError(Exception):
+    """Bad input (config, data, checkpoint path): the message says what and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A config key, type or value is invalid."""
+
+
+class DataError(UserError):
+    """A corpus, file or prepared dataset is missing or malformed."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, incomplete or does not match the run."""

@@ -1,0 +1,115 @@
+"""Sample text from a trained run: rebuild the model from the run's config, load a checkpoint's
+weights, and decode with temperature and top-k.
+
+Decoding recomputes the whole (cropped) context each token rather than keeping a KV cache: the
+model stays free of inference-only state, and at the lengths used to inspect a run the cost is
+small.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distrib import checkpoint as ckpt
+from distrib.config import Config, from_dict
+from distrib.data.tokenizer import Tokenizer
+from distrib.errors import CheckpointError
+from distrib.models.llama import Transformer
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    max_seq_len: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    generator: torch.Generator | None = None,
+    stop_id: int | None = None,
+) -> list[int]:
+    """Extend `prompt_ids` by up to `max_new_tokens` tokens; temperature 0 is greedy."""
+    model.eval()
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        logits_V = model(ids[:, -max_seq_len:])[0, -1].float()
+        if temperature <= 0:
+            next_id = logits_V.argmax()
+        else:
+            logits_V = logits_V / temperature
+            if 0 < top_k < logits_V.numel():
+                kth = torch.topk(logits_V, top_k).values[-1]
+                logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+            probs_V = torch.softmax(logits_V, dim=-1)
+            next_id = torch.multinomial(probs_V.cpu(), 1, generator=generator)[0].to(device)
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+        if stop_id is not None and int(next_id) == stop_id:
+            break
+    return ids[0].tolist()
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The newest complete checkpoint of `run_dir`, or the one of `step`."""
+    if step is not None:
+        path = ckpt.step_dir(run_dir / "checkpoints", step)
+        if not ckpt.is_complete(path):
+            have = [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")]
+            raise CheckpointError(
+                f"no complete checkpoint for step {step} in {run_dir}: have {have}"
+            )
+        return path
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise CheckpointError(f"no complete checkpoint in {run_dir / 'checkpoints'}: train first")
+    return found[-1]
+
+
+def load_run(
+    run_dir: Path, step: int | None, device: torch.device
+) -> tuple[nn.Module, Tokenizer, Config]:
+    """The model (weights from the checkpoint), tokenizer and config of a run."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder: {config_path} is missing")
+    cfg = from_dict(json.loads(config_path.read_text()))
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_weights()  # fills the RoPE tables; the weights come from the checkpoint
+    ckpt.load(find_checkpoint(run_dir, step), {"model": ckpt.ModelState(model)})
+    return model, Tokenizer.load(run_dir / "tokenizer.json"), cfg
+
+
+def generate_text(
+    run_dir: Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    step: int | None = None,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> str:
+    """Prompt plus continuation, sampled from the run's newest (or `step`'s) checkpoint."""
+    device = device or torch.device("cpu")
+    model, tokenizer, cfg = load_run(run_dir, step, device)
+    max_seq_len = cfg.model.max_seq_len
+    generator = torch.Generator().manual_seed(seed)
+    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    out = sample(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        max_seq_len,
+        temperature,
+        top_k,
+        generator,
+        stop_id=tokenizer.eos_id,
+    )
+    return tokenizer.decode(out)

@@ -1,0 +1,252 @@
+"""Llama: pre-norm RMSNorm, RoPE (Hugging Face rotate_half layout), GQA, SwiGLU, no biases.
+
+Plain nn.Module code that knows nothing of parallelism: tensor-parallel plans, FSDP, activation
+checkpointing and pipeline cuts are applied from outside. To make that easy, blocks live in an
+nn.ModuleDict keyed "0".."n-1" (names survive pipeline cuts), the embedding, final norm and output
+head may be set to None on a pipeline stage, and the model is built on the meta device and then
+materialized with `to_empty(device=...)` and `init_weights()`.
+
+Parameter names map 1:1 onto Hugging Face LlamaForCausalLM:
+  tok_embeddings <-> model.embed_tokens, layers.i.attention.wq/wk/wv/wo <-> self_attn.q/k/v/o_proj,
+  feed_forward.w1/w2/w3 <-> mlp.gate/down/up_proj, attention_norm <-> input_layernorm,
+  ffn_norm <-> post_attention_layernorm, norm <-> model.norm, output <-> lm_head.
+
+Shape legend: B batch, L sequence, D model dim, H query heads, G kv heads, K head dim,
+F feed-forward hidden dim, V vocab, P max positions (max_seq_len).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distrib.config import ModelConfig
+from distrib.models.attention import attention
+
+
+def rope_cache(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """RoPE tables `(cos_PK, sin_PK)` in float32, in the rotate_half layout.
+
+    Frequency j rotates the pair (j, j + K/2), so both halves of the head dim share one table
+    half; this is Hugging Face's layout, which lets its q/k weights load without permutation.
+    """
+    inv_freq_J = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    )
+    pos_P = torch.arange(max_seq_len, dtype=torch.float32, device=device)
+    angles_PJ = pos_P[:, None] * inv_freq_J[None, :]
+    angles_PK = torch.cat([angles_PJ, angles_PJ], dim=-1)
+    return angles_PK.cos(), angles_PK.sin()
+
+
+def _rotate_half(x_BHLK: Tensor) -> Tensor:
+    x1, x2 = x_BHLK.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x_BHLK: Tensor, cos_LK: Tensor, sin_LK: Tensor) -> Tensor:
+    """Rotate queries or keys by their absolute positions (tables already sliced to L)."""
+    cos_LK, sin_LK = cos_LK.to(x_BHLK.dtype), sin_LK.to(x_BHLK.dtype)
+    return x_BHLK * cos_LK + _rotate_half(x_BHLK) * sin_LK
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale; statistics in float32 whatever the input."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        """Scale of one: the identity on normalized activations."""
+        nn.init.ones_(self.weight)
+
+    def forward(self, x_BLD: Tensor) -> Tensor:
+        """Normalize over the last dim; same op order as HF so bf16 results match too."""
+        xf_BLD = x_BLD.float()
+        xf_BLD = xf_BLD * torch.rsqrt(xf_BLD.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf_BLD.to(x_BLD.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; the kernel is chosen by `backend`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.backend = cfg.attention
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Normal init; `out_std` for the projection that writes into the residual stream."""
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, mean=0.0, std=std)
+        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+
+    def forward(
+        self, x_BLD: Tensor, cos_LK: Tensor, sin_LK: Tensor, doc_ids_BL: Tensor | None = None
+    ) -> Tensor:
+        """Attend causally (and within documents when `doc_ids_BL` is given)."""
+        B, L, _ = x_BLD.shape
+        # -1 rather than n_heads: under tensor parallelism each rank holds only its share of the
+        # heads, and the module must not need to know how many that is.
+        q_BHLK = self.wq(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
+        k_BGLK = self.wk(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
+        v_BGLK = self.wv(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
+        q_BHLK = apply_rope(q_BHLK, cos_LK, sin_LK)
+        k_BGLK = apply_rope(k_BGLK, cos_LK, sin_LK)
+        out_BHLK = attention(q_BHLK, k_BGLK, v_BGLK, self.backend, doc_ids_BL)
+        return self.wo(out_BHLK.transpose(1, 2).reshape(B, L, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 the gate, w3 the up and w2 the down projection."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Normal init; `out_std` for w2, which writes into the residual stream."""
+        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
+
+    def forward(self, x_BLD: Tensor) -> Tensor:
+        """Gated feed-forward over the last dim."""
+        h_BLF = F.silu(self.w1(x_BLD)) * self.w3(x_BLD)
+        return self.w2(h_BLF)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        """Initialize this block's parameters in a fixed order (determinism under a seed)."""
+        self.attention_norm.reset_parameters()
+        self.attention.init_weights(std, out_std)
+        self.ffn_norm.reset_parameters()
+        self.feed_forward.init_weights(std, out_std)
+
+    def forward(
+        self, x_BLD: Tensor, cos_LK: Tensor, sin_LK: Tensor, doc_ids_BL: Tensor | None = None
+    ) -> Tensor:
+        """One residual attention step and one residual feed-forward step."""
+        h_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), cos_LK, sin_LK, doc_ids_BL)
+        return h_BLD + self.feed_forward(self.ffn_norm(h_BLD))
+
+
+class Transformer(nn.Module):
+    """Llama decoder. Build on meta, `to_empty(device=...)`, then `init_weights()`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not persistent: derived from the config, so they stay out of checkpoints and HF exports;
+        # to_empty leaves them as garbage, which is why init_weights recomputes them.
+        cos_PK, sin_PK = rope_cache(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos_PK, persistent=False)
+        self.register_buffer("rope_sin", sin_PK, persistent=False)
+
+    def _retie(self) -> None:
+        # to_empty replaces each module's parameters separately, which breaks the sharing; put it
+        # back before init so one tensor is initialized and one appears in parameters().
+        emb, out = self.tok_embeddings, self.output
+        tie = self.cfg.tie_embeddings and emb is not None and out is not None
+        if tie and out.weight is not emb.weight:
+            out.weight = emb.weight
+
+    def init_weights(self) -> None:
+        """Initialize every parameter and the RoPE tables, in a fixed order, on their devices.
+
+        normal(init_std) for embeddings and linears, with the residual output projections (wo, w2)
+        scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth;
+        RMSNorm scales of one. The same torch.manual_seed beforehand gives identical weights.
+        """
+        cfg = self.cfg
+        self._retie()
+        cos_PK, sin_PK = rope_cache(
+            cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device
+        )
+        self.rope_cos, self.rope_sin = cos_PK, sin_PK
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        with torch.no_grad():
+            if self.tok_embeddings is not None:
+                nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+            for layer in self.layers.values():
+                layer.init_weights(std, out_std)
+            if self.norm is not None:
+                self.norm.reset_parameters()
+            if self.output is not None and not self._is_tied():
+                nn.init.normal_(self.output.weight, mean=0.0, std=std)
+
+    def _is_tied(self) -> bool:
+        emb, out = self.tok_embeddings, self.output
+        return emb is not None and out is not None and out.weight is emb.weight
+
+    def forward(self, tokens_BL: Tensor, doc_ids_BL: Tensor | None = None) -> Tensor:
+        """Logits `[B, L, V]` in the compute dtype.
+
+        On a pipeline stage without `tok_embeddings` the input is already hidden states `h_BLD`;
+        without `norm`/`output` the hidden states are returned. `doc_ids_BL` (same shape as the
+        tokens, non-decreasing along L) confines attention to each token's own document; RoPE
+        positions are not reset per document, since attention only sees relative positions.
+        """
+        h_BLD = self.tok_embeddings(tokens_BL) if self.tok_embeddings is not None else tokens_BL
+        L = h_BLD.shape[1]
+        if self.rope_cos.shape[0] < L:
+            raise ValueError(
+                f"sequence length {L} exceeds model.max_seq_len ({self.rope_cos.shape[0]})"
+            )
+        cos_LK, sin_LK = self.rope_cos[:L], self.rope_sin[:L]
+        for layer in self.layers.values():
+            h_BLD = layer(h_BLD, cos_LK, sin_LK, doc_ids_BL)
+        if self.norm is not None:
+            h_BLD = self.norm(h_BLD)
+        return self.output(h_BLD) if self.output is not None else h_BLD
+
+
+def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Number of parameters, each shared tensor counted once.
+
+    `exclude_embeddings` drops the input embedding table (a lookup, no FLOPs). With tied
+    embeddings that same tensor is also the output projection, which does matmul work, so it is
+    kept: the result is then the same for the tied and untied variants of one shape (6 * N per
+    token is the training FLOPs either way).
+    """
+    total = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates shared tensors
+    if exclude_embeddings:
+        emb = getattr(model, "tok_embeddings", None)
+        out = getattr(model, "output", None)
+        if isinstance(emb, nn.Embedding):
+            tied = isinstance(out, nn.Linear) and out.weight is emb.weight
+            if not tied:
+                total -= emb.weight.numel()
+    return total

@@ -1,0 +1,182 @@
+"""Build the pieces of a run (`build_*`), then a short loop: step, measure, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distrib import checkpoint as ckpt
+from distrib.config import Config, DataConfig, ModelConfig, TrainingConfig, to_dict
+from distrib.data.loader import TokenLoader, build_loaders
+from distrib.data.shards import TokenShards
+from distrib.engine import Engine, NativeEngine, StepResult
+from distrib.errors import ConfigError
+from distrib.metrics import MetricsLogger, Throughput, flops_per_token, memory_gb, peak_tflops
+from distrib.models.llama import Transformer, num_params
+from distrib.runtime import Runtime, rng_state, seed_everything, set_rng_state
+
+
+def check_dataset(data: DataConfig, model: ModelConfig) -> TokenShards:
+    """Open the prepared training split and check the model can embed its vocabulary; runs
+    before any process group or model exists, so a mismatch costs nothing."""
+    shards = TokenShards.open(Path(data.dir), "train")
+    if shards.vocab_size > model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({shards.vocab_size}) in {data.dir}: set model.vocab_size >= {shards.vocab_size}"
+        )
+    return shards
+
+
+def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
+    """Build on the meta device (no memory), then materialize on `device` and initialize.
+
+    Parallel wrappers are applied between the two steps once layouts exist, so each rank only
+    ever allocates its own shard.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.init_weights()
+    return model
+
+
+def build_engine(model: nn.Module, cfg: TrainingConfig, device: torch.device) -> Engine:
+    return NativeEngine(model, cfg, device)
+
+
+def build_data(cfg: Config, dp_rank: int, dp_size: int) -> tuple[TokenLoader, TokenLoader]:
+    return build_loaders(cfg.data, cfg.training, dp_rank, dp_size)
+
+
+class Trainer:
+    """Holds the built pieces of one run and trains it; `train()` is the whole loop."""
+
+    def __init__(self, cfg: Config, runtime: Runtime) -> None:
+        self.cfg = cfg
+        self.runtime = runtime
+        self.run_dir = Path(cfg.job.run_dir)
+        check_dataset(cfg.data, cfg.model)
+        seed_everything(cfg.training.seed)
+        self.model = build_model(cfg.model, runtime.device, cfg.training.seed)
+        self.engine = build_engine(self.model, cfg.training, runtime.device)
+        # One model replica per process today: the data-parallel rank is the global rank.
+        self.dp_rank, self.dp_size = runtime.rank, runtime.world_size
+        self.train_loader, self.val_loader = build_data(cfg, self.dp_rank, self.dp_size)
+        self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir)
+        self.step = 0
+        self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
+        self._shown: tuple[float, float, float | None] = (math.nan, cfg.training.lr, None)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly where this one stands."""
+        return {
+            **self.engine.state(),
+            "train_loader": self.train_loader,
+            "step": self.step,
+            ckpt.rng_key(self.runtime.rank): rng_state(),
+        }
+
+    def resume(self) -> Path | None:
+        """Load the checkpoint `checkpoint.resume` points at, if any."""
+        path = self.checkpointer.resume_path()
+        if path is None:
+            return None
+        state = self.checkpoint_state()
+        ckpt.load(path, state)
+        self.step = int(state["step"])
+        key = ckpt.rng_key(self.runtime.rank)
+        if isinstance(state.get(key), dict):
+            set_rng_state(state[key])
+        return path
+
+    def _prepare_run_dir(self, log: MetricsLogger) -> None:
+        if not self.runtime.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+        # Generation and export need the tokenizer even if the dataset folder moves later.
+        shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        cfg, n = self.cfg, num_params(self.model)
+        log.write(
+            f"model: {n / 1e6:.2f}M parameters, "
+            f"{flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOP/token; "
+            f"{self.tokens_per_step} tokens/step in {self.train_loader.grad_accum_steps} "
+            f"micro-batch(es) per rank; device {self.runtime.device}"
+        )
+
+    def evaluate(self) -> float:
+        """Mean validation loss over the first `eval_steps` global batches of the split."""
+        self.val_loader.reset()
+        steps = min(self.cfg.training.eval_steps, self.val_loader.steps_per_epoch)
+        losses = [self.engine.eval_loss(self.val_loader.next_step()) for _ in range(steps)]
+        return float(torch.stack(losses).mean())
+
+    def train(self) -> dict[str, Any]:
+        """Run from the current step to `training.steps`; returns the last logged record."""
+        t, m = self.cfg.training, self.cfg.metrics
+        resumed = self.resume()
+        log = MetricsLogger(
+            m, self.run_dir, self.runtime.is_main, t.steps, self.step, to_dict(self.cfg)
+        )
+        self._prepare_run_dir(log)
+        if resumed is not None:
+            log.write(f"resumed from {resumed} at step {self.step}")
+        peak = peak_tflops(self.runtime.device, t.dtype, m.peak_tflops)
+        meter = Throughput(
+            flops_per_token(self.cfg.model, self.cfg.data.seq_len), self.dp_size, peak
+        )
+        record: dict[str, Any] = {}
+        start = time.perf_counter()
+        try:
+            last = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
+            while self.step < last:
+                result = self.engine.train_step(self.train_loader.next_step())
+                lr = self.engine.lr()  # the rate this step used; the scheduler has moved on
+                self.step += 1
+                meter.add(self.tokens_per_step)
+                record = self._after_step(result, lr, meter, log, start)
+        finally:
+            log.close()
+        return record
+
+    def _after_step(
+        self, result: StepResult, lr: float, meter: Throughput, log: MetricsLogger, start: float
+    ) -> dict[str, Any]:
+        t = self.cfg.training
+        step, last = self.step, self.step == t.steps
+        record: dict[str, Any] = {}
+        eval_now = t.eval_every > 0 and (step % t.eval_every == 0 or last)
+        if step % self.cfg.metrics.log_every == 0 or eval_now or last:
+            # .item() waits for the device, so only logged steps pay for it.
+            record = {
+                "step": step,
+                "loss": float(result.loss),
+                "lr": lr,
+                "grad_norm": float(result.grad_norm),
+                **meter.read(),
+                "memory_gb": memory_gb(self.runtime.device),
+                "elapsed_s": time.perf_counter() - start,
+            }
+            self._shown = (record["loss"], lr, record["tokens_per_s"])
+            if eval_now:
+                with meter.paused():
+                    val_loss = self.evaluate()
+                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                log.write(f"step {step}: val_loss {val_loss:.4f} (ppl {record['val_ppl']:.1f})")
+            log.log(record)
+        log.progress(step, *self._shown)
+        if self.checkpointer.due(step, t.steps) or step == t.stop_at_step:
+            with meter.paused():
+                path = self.checkpointer.save(step, self.checkpoint_state())
+            log.write(f"step {step}: saved {path}")
+        return record
