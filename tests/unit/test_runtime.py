@@ -1,0 +1,60 @@
+"""Who this process is, from the launcher's environment, and reproducible RNG state."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from distrib.runtime import (
+    backend_for,
+    detect_launch,
+    init_runtime,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    shutdown,
+)
+
+
+def test_no_launcher_is_one_process() -> None:
+    info = detect_launch({})
+    assert (info.rank, info.world_size, info.local_rank, info.distributed) == (0, 1, 0, False)
+
+
+def test_torchrun_environment() -> None:
+    info = detect_launch({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (3, 4, 1, "torchrun")
+    assert info.distributed
+
+
+def test_bad_environment_names_the_variable() -> None:
+    with pytest.raises(RuntimeError, match="WORLD_SIZE='two'"):
+        detect_launch({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_device_and_backend_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device = pick_device(local_rank=1)
+    assert device == torch.device("cpu") and backend_for(device) == "gloo"
+    assert backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+def test_init_runtime_single_process_starts_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    runtime = init_runtime()
+    assert runtime.is_main and runtime.world_size == 1
+    assert not torch.distributed.is_initialized()
+    runtime.barrier()  # a no-op without a process group
+    shutdown()
+
+
+def test_rng_state_round_trip() -> None:
+    seed_everything(7)
+    state = rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
