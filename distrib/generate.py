@@ -80,8 +80,7 @@ def load_run(
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_weights()  # fills the RoPE tables; the weights come from the checkpoint
+    model.init_rope()  # the weights come from the checkpoint
     ckpt.load(find_checkpoint(run_dir, step), {"model": ckpt.ModelState(model)})
     return model, Tokenizer.load(run_dir / "tokenizer.json"), cfg
 

@@ -44,9 +44,7 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_weights()
+    model.init_weights(seed)
     return model
 
 
@@ -133,7 +131,10 @@ class Trainer:
             log.write(f"resumed from {resumed} at step {self.step}")
         peak = peak_tflops(self.runtime.device, t.dtype, m.peak_tflops)
         meter = Throughput(
-            flops_per_token(self.cfg.model, self.cfg.data.seq_len), self.dp_size, peak
+            # Per-device figures divide by every device, not just the data-parallel ones.
+            flops_per_token(self.cfg.model, self.cfg.data.seq_len),
+            self.runtime.world_size,
+            peak,
         )
         record: dict[str, Any] = {}
         start = time.perf_counter()

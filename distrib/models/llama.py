@@ -17,6 +17,7 @@ F feed-forward hidden dim, V vocab, P max positions (max_seq_len).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -89,17 +90,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        """Normal init; `out_std` for the projection that writes into the residual stream."""
-        for lin in (self.wq, self.wk, self.wv):
-            nn.init.normal_(lin.weight, mean=0.0, std=std)
-        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
-
     def forward(
-        self, x_BLD: Tensor, cos_LK: Tensor, sin_LK: Tensor, doc_ids_BL: Tensor | None = None
+        self, x_BLD: Tensor, cos_PK: Tensor, sin_PK: Tensor, doc_ids_BL: Tensor | None = None
     ) -> Tensor:
-        """Attend causally (and within documents when `doc_ids_BL` is given)."""
+        """Attend causally (and within documents when `doc_ids_BL` is given); the RoPE tables
+        cover all positions and are sliced to this input's length."""
         B, L, _ = x_BLD.shape
+        if cos_PK.shape[0] < L:
+            raise ValueError(f"sequence length {L} exceeds model.max_seq_len ({cos_PK.shape[0]})")
+        cos_LK, sin_LK = cos_PK[:L], sin_PK[:L]
         # -1 rather than n_heads: under tensor parallelism each rank holds only its share of the
         # heads, and the module must not need to know how many that is.
         q_BHLK = self.wq(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
@@ -120,12 +119,6 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        """Normal init; `out_std` for w2, which writes into the residual stream."""
-        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
-        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
-
     def forward(self, x_BLD: Tensor) -> Tensor:
         """Gated feed-forward over the last dim."""
         h_BLF = F.silu(self.w1(x_BLD)) * self.w3(x_BLD)
@@ -142,18 +135,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        """Initialize this block's parameters in a fixed order (determinism under a seed)."""
-        self.attention_norm.reset_parameters()
-        self.attention.init_weights(std, out_std)
-        self.ffn_norm.reset_parameters()
-        self.feed_forward.init_weights(std, out_std)
-
     def forward(
-        self, x_BLD: Tensor, cos_LK: Tensor, sin_LK: Tensor, doc_ids_BL: Tensor | None = None
+        self, x_BLD: Tensor, cos_PK: Tensor, sin_PK: Tensor, doc_ids_BL: Tensor | None = None
     ) -> Tensor:
         """One residual attention step and one residual feed-forward step."""
-        h_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), cos_LK, sin_LK, doc_ids_BL)
+        h_BLD = x_BLD + self.attention(self.attention_norm(x_BLD), cos_PK, sin_PK, doc_ids_BL)
         return h_BLD + self.feed_forward(self.ffn_norm(h_BLD))
 
 
@@ -183,29 +169,48 @@ class Transformer(nn.Module):
         if tie and out.weight is not emb.weight:
             out.weight = emb.weight
 
-    def init_weights(self) -> None:
-        """Initialize every parameter and the RoPE tables, in a fixed order, on their devices.
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialize every parameter and the RoPE tables on their devices.
 
-        normal(init_std) for embeddings and linears, with the residual output projections (wo, w2)
-        scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth;
-        RMSNorm scales of one. The same torch.manual_seed beforehand gives identical weights.
+        Each parameter's value depends only on `seed` and its name (see `initial_value`), not on
+        the order of initialization or on which modules this instance holds, so a pipeline stage
+        or a sharded copy gets exactly the numbers the whole model would. `seed=None` draws one
+        from torch's global generator, so `torch.manual_seed` beforehand still decides the init.
         """
-        cfg = self.cfg
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        self.init_rope()
         self._retie()
-        cos_PK, sin_PK = rope_cache(
+        with torch.no_grad():
+            for name, param in self.named_parameters():  # a tied weight comes once
+                param.copy_(self.initial_value(name, param.shape, param.device, seed))
+
+    def init_rope(self) -> None:
+        """Recompute the RoPE tables (non-persistent buffers, garbage after `to_empty`)."""
+        cfg = self.cfg
+        self.rope_cos, self.rope_sin = rope_cache(
             cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device
         )
-        self.rope_cos, self.rope_sin = cos_PK, sin_PK
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        with torch.no_grad():
-            if self.tok_embeddings is not None:
-                nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
-            for layer in self.layers.values():
-                layer.init_weights(std, out_std)
-            if self.norm is not None:
-                self.norm.reset_parameters()
-            if self.output is not None and not self._is_tied():
-                nn.init.normal_(self.output.weight, mean=0.0, std=std)
+
+    def initial_value(
+        self, name: str, shape: torch.Size, device: torch.device, seed: int
+    ) -> Tensor:
+        """The initial value of parameter `name` (its full, unsharded shape), float32.
+
+        RMSNorm scales are one; other weights are normal(init_std), the projections that write
+        into the residual stream (wo, w2) scaled by 1/sqrt(2 * n_layers) so the stream's
+        variance does not grow with depth. The generator is seeded from `seed` and `name`.
+        """
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, device=device)
+        std = self.cfg.init_std
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            std /= math.sqrt(2 * self.cfg.n_layers)
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        generator = torch.Generator(device=device).manual_seed(
+            int.from_bytes(digest[:8], "big") >> 1
+        )
+        return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
 
     def _is_tied(self) -> bool:
         emb, out = self.tok_embeddings, self.output
@@ -220,14 +225,11 @@ class Transformer(nn.Module):
         positions are not reset per document, since attention only sees relative positions.
         """
         h_BLD = self.tok_embeddings(tokens_BL) if self.tok_embeddings is not None else tokens_BL
-        L = h_BLD.shape[1]
-        if self.rope_cos.shape[0] < L:
-            raise ValueError(
-                f"sequence length {L} exceeds model.max_seq_len ({self.rope_cos.shape[0]})"
-            )
-        cos_LK, sin_LK = self.rope_cos[:L], self.rope_sin[:L]
+        # The full RoPE tables go down and each attention slices them to the length it sees:
+        # under sequence parallelism the residual stream here holds only this rank's positions,
+        # while attention works on all of them.
         for layer in self.layers.values():
-            h_BLD = layer(h_BLD, cos_LK, sin_LK, doc_ids_BL)
+            h_BLD = layer(h_BLD, self.rope_cos, self.rope_sin, doc_ids_BL)
         if self.norm is not None:
             h_BLD = self.norm(h_BLD)
         return self.output(h_BLD) if self.output is not None else h_BLD

@@ -351,3 +351,33 @@ def test_gpu_backends_match_eager(backend: str) -> None:
         ref_BHLK = attention(q, k, v, "eager", docs).float()
         out_BHLK = attention(q, k, v, backend, docs).float()
         torch.testing.assert_close(out_BHLK, ref_BHLK, rtol=0, atol=2e-2)
+
+
+def test_init_depends_only_on_seed_and_name() -> None:
+    """A pipeline stage (some layers, no head) gets exactly the full model's initial values."""
+    cfg = ModelConfig(
+        dim=32,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        vocab_size=40,
+        max_seq_len=16,
+        tie_embeddings=False,
+    )
+    full = Transformer(cfg)
+    full.init_weights(seed=3)
+    with torch.device("meta"):
+        stage = Transformer(cfg)
+    for i in ("0", "1"):
+        del stage.layers[i]
+    stage.tok_embeddings = None
+    stage.to_empty(device="cpu")
+    stage.init_weights(seed=3)
+    reference = dict(full.named_parameters())
+    for name, param in stage.named_parameters():
+        assert torch.equal(param, reference[name]), name
+    value = full.initial_value(
+        "layers.2.attention.wo.weight", torch.Size([32, 32]), torch.device("cpu"), 3
+    )
+    assert torch.equal(value, reference["layers.2.attention.wo.weight"])
