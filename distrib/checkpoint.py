@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -35,30 +36,64 @@ from distrib.errors import CheckpointError
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
-class ModelState(Stateful):
-    """The model's weights in DCP form (sharded tensors stay sharded)."""
+# Optimizer state keyed by flat names ("state.layers.0.attention.wq.weight.exp_avg"), so the
+# states of several model parts (pipeline stages) merge into one dict and reshard by name.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+
+def _as_parts(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
+    return model if isinstance(model, list) else [model]
+
+
+class ModelState(Stateful):
+    """The weights of this rank's model parts in DCP form (sharded tensors stay sharded)."""
+
+    def __init__(self, model: nn.Module | list[nn.Module]) -> None:
+        self.parts = _as_parts(model)
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict)
+        for part in self.parts:
+            # Each part takes the names it has; a pipeline stage holds only some layers.
+            set_model_state_dict(part, state_dict, options=StateDictOptions(strict=False))
 
 
 class OptimizerState(Stateful):
-    """The optimizer's state keyed by parameter name, so it survives re-wrapping the model."""
+    """One optimizer per model part, saved as one flat name-keyed dict."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+    def __init__(
+        self,
+        model: nn.Module | list[nn.Module],
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
+    ) -> None:
+        self.parts = _as_parts(model)
+        self.optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        merged: dict[str, Any] = {}
+        for part, opt in zip(self.parts, self.optimizers, strict=True):
+            merged.update(get_optimizer_state_dict(part, opt, options=_FLAT))
+        return merged
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        for part, opt in zip(self.parts, self.optimizers, strict=True):
+            set_optimizer_state_dict(part, opt, state_dict, options=_FLAT)
+
+
+class SchedulerState(Stateful):
+    """The LR schedules of all parts' optimizers, which move in lockstep: saved once."""
+
+    def __init__(self, schedulers: list[Any]) -> None:
+        self.schedulers = schedulers
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.schedulers[0].state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state_dict)
 
 
 def step_dir(folder: Path, step: int) -> Path:

@@ -50,25 +50,21 @@ def cmd_train(cfg: Config) -> None:
 
     # Everything that can be checked without a process group is checked first.
     check_dataset(cfg.data, cfg.model)
-    _check_world(cfg, detect_launch().world_size)
+    _check_layout(cfg, detect_launch().world_size)
     runtime = init_runtime()
     try:
         Trainer(cfg, runtime).train()
+        # Every rank finishes its in-flight collectives before the group is torn down.
+        runtime.barrier()
     finally:
         shutdown()
 
 
-def _check_world(cfg: Config, world_size: int) -> None:
-    from distrib.errors import ConfigError
+def _check_layout(cfg: Config, world_size: int) -> None:
+    from distrib.parallel.dims import ParallelDims
 
-    p = cfg.parallel
-    needed = p.dp_replicate * p.dp_shard * p.tp * p.pp
-    if needed != world_size:
-        raise ConfigError(
-            f"the parallel layout (dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x "
-            f"tp={p.tp} x pp={p.pp}) uses {needed} process(es) but {world_size} were launched; "
-            f"launch {needed} or change parallel.*"
-        )
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    dims.check_batch(cfg.training, cfg.parallel.pp_microbatches)
 
 
 def cmd_prepare(cfg: Config, force: bool) -> None:

@@ -90,6 +90,7 @@ class TrainingConfig:
     eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
     dtype: str = _f("float32", "compute dtype (bfloat16 = autocast)", ("float32", "bfloat16"))
+    compile: bool = _f(False, "torch.compile each transformer block")
     eval_every: int = _f(50, "evaluate on the validation split every N steps (0: never)")
     eval_steps: int = _f(4, "validation batches (of global_batch_size) per evaluation")
 
@@ -100,6 +101,24 @@ class ParallelConfig:
     dp_shard: int = _f(1, "sharded data-parallel degree (FSDP2); -1 infers from the world size")
     tp: int = _f(1, "tensor-parallel degree")
     pp: int = _f(1, "pipeline-parallel degree")
+    pp_schedule: str = _f(
+        "1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+    )
+    pp_stages_per_rank: int = _f(
+        1, "pipeline stages per rank: 1 for gpipe/1f1b, >= 2 for interleaved_1f1b/zero_bubble"
+    )
+    pp_microbatches: int = _f(
+        0, "pipeline micro-batches per training micro-batch (0: one per sequence)"
+    )
+    pp_split_points: str = _f(
+        "", "first layer of every stage but the first, comma-separated, e.g. '4,8,12' (empty: even)"
+    )
+    loss_parallel: bool = _f(
+        True, "with tp > 1, compute the loss on vocabulary-sharded logits without gathering them"
+    )
+    activation_checkpoint: str = _f(
+        "none", "recompute activations in backward", ("none", "full", "selective")
+    )
     engine: str = _f("native", "training engine", ("native", "deepspeed"))
 
 
@@ -297,7 +316,7 @@ def validate(cfg: Config) -> None:
         t.eval_every >= 0 and t.eval_steps > 0,
         "training.eval_every must be >= 0 and training.eval_steps > 0",
     )
-    _validate_parallel(p)
+    _validate_parallel(p, m, d, t)
     if p.dp_replicate > 0 and p.dp_shard > 0:
         grad_accum_steps(t, p.dp_replicate * p.dp_shard)
     c = cfg.checkpoint
@@ -310,7 +329,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops must be >= 0")
 
 
-def _validate_parallel(p: ParallelConfig) -> None:
+def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: TrainingConfig) -> None:
+    """What can be checked without knowing the world size (ParallelDims checks the rest)."""
     degrees = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp}
     for key, value in degrees.items():
         _check(
@@ -320,14 +340,104 @@ def _validate_parallel(p: ParallelConfig) -> None:
         list(degrees.values()).count(-1) <= 1,
         "at most one of parallel.dp_replicate, dp_shard, tp, pp may be -1 (inferred)",
     )
-    # The layouts land with the parallelism work; until then only one process per model replica
-    # with no sharding is supported, and saying otherwise must fail loudly, not run wrong.
-    unsupported = {k: v for k, v in degrees.items() if v != 1}
     _check(
-        not unsupported and p.engine == "native",
-        f"parallel layout {unsupported or {'engine': p.engine}} is not supported yet: "
-        "set parallel.dp_replicate = dp_shard = tp = pp = 1 and parallel.engine = 'native'",
+        p.engine == "native",
+        f"parallel.engine = '{p.engine}' is not supported yet: use 'native'",
     )
+    if p.tp > 1:
+        for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+            value = getattr(m, key)
+            _check(
+                value % p.tp == 0,
+                f"parallel.tp ({p.tp}) must divide model.{key} ({value}); valid tp: "
+                f"{[t for t in range(1, value + 1) if value % t == 0 and m.n_kv_heads % t == 0][:8]}",
+            )
+    _check(
+        not (m.tie_embeddings and (p.tp > 1 or p.pp > 1 or p.tp == -1 or p.pp == -1)),
+        "model.tie_embeddings = true cannot be combined with parallel.tp or parallel.pp > 1 "
+        "(the shared weight would live on two stages or in two layouts); untie the embeddings",
+    )
+    _validate_pipeline(p, m, d, t)
+
+
+def _validate_pipeline(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: TrainingConfig) -> None:
+    interleaved = p.pp_schedule in ("interleaved_1f1b", "zero_bubble")
+    _check(
+        p.pp_stages_per_rank >= 1 and p.pp_microbatches >= 0,
+        "parallel.pp_stages_per_rank must be >= 1 and pp_microbatches >= 0",
+    )
+    if interleaved:
+        _check(
+            p.pp_stages_per_rank >= 2,
+            f"parallel.pp_schedule = '{p.pp_schedule}' needs parallel.pp_stages_per_rank >= 2",
+        )
+    else:
+        _check(
+            p.pp_stages_per_rank == 1,
+            f"parallel.pp_stages_per_rank = {p.pp_stages_per_rank} needs an interleaved schedule "
+            "(interleaved_1f1b or zero_bubble); gpipe and 1f1b hold one stage per rank",
+        )
+    if p.pp == 1 and p.pp_split_points == "":
+        return
+    if p.pp > 1:
+        stages = p.pp * p.pp_stages_per_rank
+        _check(
+            stages <= m.n_layers,
+            f"parallel.pp ({p.pp}) x pp_stages_per_rank ({p.pp_stages_per_rank}) = {stages} stages "
+            f"exceeds model.n_layers ({m.n_layers}); each stage needs at least one layer",
+        )
+        _check(
+            d.cross_document_attention,
+            "data.cross_document_attention = false is not supported with parallel.pp > 1 "
+            "(document ids do not travel between pipeline stages)",
+        )
+    if p.pp_split_points:
+        split_points(p, m.n_layers)
+    if p.pp > 1:
+        _validate_pipeline_microbatches(p, t)
+
+
+def _validate_pipeline_microbatches(p: ParallelConfig, t: TrainingConfig) -> None:
+    # The rules torch.distributed.pipelining's schedules enforce, checked here so they fail
+    # before any process starts.
+    n = p.pp_microbatches or t.micro_batch_size
+    what = (
+        f"{n} pipeline micro-batch(es) (parallel.pp_microbatches, else training.micro_batch_size)"
+    )
+    if p.pp_schedule == "1f1b":
+        _check(n >= p.pp, f"1f1b needs at least parallel.pp ({p.pp}) micro-batches; got {what}")
+    if p.pp_schedule in ("interleaved_1f1b", "zero_bubble"):
+        rounds = max(1, n // p.pp)
+        _check(
+            n % rounds == 0,
+            f"{p.pp_schedule} cannot split {what} over pp = {p.pp}: use a multiple of {p.pp}",
+        )
+    _check(
+        not (p.pp_schedule == "zero_bubble" and t.compile),
+        "parallel.pp_schedule = 'zero_bubble' cannot run compiled blocks (its split backward is "
+        "not supported under torch.compile); set training.compile = false or use 1f1b",
+    )
+
+
+def split_points(p: ParallelConfig, n_layers: int) -> list[int]:
+    """The first layer of every stage after the first, from `parallel.pp_split_points`."""
+    try:
+        points = [int(x) for x in p.pp_split_points.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"parallel.pp_split_points = '{p.pp_split_points}': expected comma-separated layer "
+            "indices such as '4,8,12'"
+        ) from None
+    stages = max(p.pp, 1) * p.pp_stages_per_rank
+    _check(
+        len(points) == stages - 1,
+        f"parallel.pp_split_points has {len(points)} point(s); {stages} stages need {stages - 1}",
+    )
+    _check(
+        all(a < b for a, b in zip([0, *points], [*points, n_layers], strict=True)),
+        f"parallel.pp_split_points {points} must increase strictly within (0, {n_layers})",
+    )
+    return points
 
 
 def grad_accum_steps(training: TrainingConfig, dp_degree: int) -> int:

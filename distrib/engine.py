@@ -12,17 +12,21 @@ Legend: B batch, L sequence, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from distrib.checkpoint import ModelState, OptimizerState
+from distrib.checkpoint import ModelState, OptimizerState, SchedulerState
 from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
 from distrib.optim import build_optimizer, build_scheduler
+from distrib.parallel.fsdp import set_gradient_sync
 
 
 @dataclass
@@ -49,24 +53,50 @@ class Engine(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor: under loss parallelism it is a replicated DTensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def causal_lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy, computed in float32 whatever the compute dtype."""
     return F.cross_entropy(logits_BLV.float().flatten(0, 1), labels_BL.flatten())
 
 
 class NativeEngine:
-    """One full model replica per process, trained with plain PyTorch."""
+    """PyTorch-native training of this rank's model parts under any layout on one mesh.
 
-    def __init__(self, model: nn.Module, cfg: TrainingConfig, device: torch.device) -> None:
-        self.model = model
+    `parts` is the whole (possibly FSDP/DDP/TP-wrapped) model, or this rank's pipeline stages
+    when `pipeline` is given. Without a process group (one process) it is plain PyTorch.
+    """
+
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        cfg: TrainingConfig,
+        device: torch.device,
+        pipeline: Any = None,
+        loss_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        autocast: bool = True,
+        pp_group: dist.ProcessGroup | None = None,
+        num_loss_ranks: int = 1,
+    ) -> None:
+        self.parts = parts
+        self.model = parts[0]
         self.cfg = cfg
         self.device = device
-        self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.pipeline = pipeline
+        self.loss_context = loss_context
+        # FSDP's mixed-precision policy casts parameters itself; autocast is for the rest.
+        self.use_autocast = autocast and cfg.dtype == "bfloat16"
+        self.pp_group = pp_group
+        self.num_loss_ranks = num_loss_ranks  # ranks holding the loss: dp x tp of the last stage
+        self.optimizers = [build_optimizer(part, cfg) for part in parts]
+        self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers]
+        self._params = [p for part in parts for p in part.parameters() if p.requires_grad]
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.cfg.dtype == "bfloat16":
+        if self.use_autocast:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -80,37 +110,93 @@ class NativeEngine:
             logits_BLV = self.model(inputs, doc_ids)
         return causal_lm_loss(logits_BLV, labels)
 
+    def _micro_step(self, batch: Batch, scale: float) -> torch.Tensor | None:
+        """Forward and backward of one micro-batch; its mean loss where this rank has it."""
+        if self.pipeline is not None:
+            p = self.pipeline
+            inputs = batch.inputs.to(self.device) if p.has_first else None
+            labels = batch.labels.to(self.device) if p.has_last else None
+            with self._autocast():
+                return p.step(inputs, labels, loss_scale=scale)
+        with self.loss_context():
+            # Every micro-batch holds the same number of tokens, so scaling each backward by
+            # 1/n accumulates the gradient of the step's mean loss.
+            loss = self._forward_loss(batch)
+            (loss * scale).backward()
+        return _plain(loss.detach())
+
     def train_step(self, batches: list[Batch]) -> StepResult:
         """Accumulate gradients over `batches`, clip, update and advance the LR schedule."""
-        self.model.train()
+        for part in self.parts:
+            part.train()
         total = torch.zeros((), device=self.device)
-        for batch in batches:
-            # Every micro-batch holds the same number of tokens, so the mean of the micro-batch
-            # means is the step's mean; scaling each backward by 1/n accumulates exactly that.
-            loss = self._forward_loss(batch)
-            (loss / len(batches)).backward()
-            total += loss.detach()
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return StepResult(loss=total / len(batches), grad_norm=grad_norm.detach())
+        for i, batch in enumerate(batches):
+            # Reduce gradients across data-parallel ranks once, after the last micro-batch.
+            set_gradient_sync(self.parts, i == len(batches) - 1)
+            loss = self._micro_step(batch, 1.0 / len(batches))
+            if loss is not None:
+                total += loss.float()
+        grad_norm = self._clip_grad_norm()
+        for opt, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            scheduler.step()
+        return StepResult(
+            loss=self._mean_over_loss_ranks(total / len(batches)), grad_norm=grad_norm
+        )
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """The norm of all gradients of the whole model, wherever its pieces live, then clip."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(norm, DTensor):  # sharded (FSDP/TP) gradients: finish the reduction
+            norm = norm.full_tensor()
+        if self.pp_group is not None:  # each stage holds different parameters: add squares
+            squared = norm**2
+            dist.all_reduce(squared, group=self.pp_group)
+            norm = squared.sqrt()
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(
+                self._params, self.cfg.max_grad_norm, norm, foreach=True
+            )
+        return norm.detach()
+
+    def _mean_over_loss_ranks(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss as one number on every rank: the mean over data-parallel ranks of
+        the last stage's loss (TP peers hold equal copies; other stages contribute zero)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return loss
+        summed = loss.detach().clone()
+        dist.all_reduce(summed)
+        return summed / self.num_loss_ranks
 
     @torch.no_grad()
     def eval_loss(self, batches: list[Batch]) -> torch.Tensor:
         """Mean loss over `batches` without touching gradients or the optimizer."""
-        self.model.eval()
-        losses = [self._forward_loss(batch) for batch in batches]
-        return torch.stack(losses).mean()
+        for part in self.parts:
+            part.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            if self.pipeline is not None:
+                p = self.pipeline
+                inputs = batch.inputs.to(self.device) if p.has_first else None
+                labels = batch.labels.to(self.device) if p.has_last else None
+                with self._autocast():
+                    loss = p.eval_step(inputs, labels)
+            else:
+                with self.loss_context():
+                    loss = _plain(self._forward_loss(batch))
+            if loss is not None:
+                total += loss.float()
+        return self._mean_over_loss_ranks(total / len(batches))
 
     def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
+        return float(self.optimizers[0].param_groups[0]["lr"])
 
     def state(self) -> dict[str, Any]:
         """Checkpointable parts, as DCP `Stateful` objects."""
         return {
-            "model": ModelState(self.model),
-            "optimizer": OptimizerState(self.model, self.optimizer),
-            "scheduler": self.scheduler,
+            "model": ModelState(self.parts),
+            "optimizer": OptimizerState(self.parts, self.optimizers),
+            "scheduler": SchedulerState(self.schedulers),
         }

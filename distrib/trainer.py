@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from distrib import checkpoint as ckpt
-from distrib.config import Config, DataConfig, ModelConfig, TrainingConfig, to_dict
+from distrib.config import Config, DataConfig, ModelConfig, to_dict
 from distrib.data.loader import TokenLoader, build_loaders
 from distrib.data.shards import TokenShards
 from distrib.engine import Engine, NativeEngine, StepResult
@@ -36,11 +37,9 @@ def check_dataset(data: DataConfig, model: ModelConfig) -> TokenShards:
 
 
 def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
-    """Build on the meta device (no memory), then materialize on `device` and initialize.
-
-    Parallel wrappers are applied between the two steps once layouts exist, so each rank only
-    ever allocates its own shard.
-    """
+    """The whole model for one process (generation, benchmarks): built on the meta device, then
+    materialized on `device` and initialized. `build_engine` does the same with the layout
+    applied in between, so each rank only ever allocates its own shard."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
@@ -48,8 +47,57 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
     return model
 
 
-def build_engine(model: nn.Module, cfg: TrainingConfig, device: torch.device) -> Engine:
-    return NativeEngine(model, cfg, device)
+def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
+    """Build the model on meta, parallelize it as `cfg.parallel` says (whole, or cut into this
+    rank's pipeline stages), materialize it and wrap it in the engine.
+
+    Returns the engine and this rank's (data-parallel rank, data-parallel size).
+    """
+    from distrib.parallel.dims import ParallelDims, dp_coordinate
+    from distrib.parallel.init import materialize
+    from distrib.parallel.parallelize import parallelize, uses_fsdp
+    from distrib.parallel.tensor import loss_context
+
+    dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
+    mesh = dims.build_mesh(runtime.device.type) if runtime.world_size > 1 else None
+    apply = functools.partial(
+        parallelize, dims=dims, mesh=mesh, parallel=cfg.parallel, training=cfg.training
+    )
+    loss_ctx = functools.partial(loss_context, dims.tp > 1 and cfg.parallel.loss_parallel)
+    seed, pipeline = cfg.training.seed, None
+    if dims.pp > 1:
+        from distrib.parallel.pipeline import build_pipeline
+
+        assert mesh is not None
+        pipeline = build_pipeline(
+            cfg.model,
+            cfg.parallel,
+            mesh["pp"],
+            runtime.device,
+            seed,
+            cfg.training.micro_batch_size,
+            apply,
+            loss_ctx,
+        )
+        parts = list(pipeline.parts)
+    else:
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        apply(model)
+        materialize(model, runtime.device, seed)
+        parts = [model]
+    engine = NativeEngine(
+        parts,
+        cfg.training,
+        runtime.device,
+        pipeline=pipeline,
+        loss_context=loss_ctx,
+        autocast=not uses_fsdp(dims),
+        pp_group=mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None,
+        num_loss_ranks=dims.dp * dims.tp,
+    )
+    dp_rank, dp_size = dp_coordinate(mesh) if mesh is not None else (0, 1)
+    return engine, dp_rank, dp_size
 
 
 def build_data(cfg: Config, dp_rank: int, dp_size: int) -> tuple[TokenLoader, TokenLoader]:
@@ -65,10 +113,7 @@ class Trainer:
         self.run_dir = Path(cfg.job.run_dir)
         check_dataset(cfg.data, cfg.model)
         seed_everything(cfg.training.seed)
-        self.model = build_model(cfg.model, runtime.device, cfg.training.seed)
-        self.engine = build_engine(self.model, cfg.training, runtime.device)
-        # One model replica per process today: the data-parallel rank is the global rank.
-        self.dp_rank, self.dp_size = runtime.rank, runtime.world_size
+        self.engine, self.dp_rank, self.dp_size = build_engine(cfg, runtime)
         self.train_loader, self.val_loader = build_data(cfg, self.dp_rank, self.dp_size)
         self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir)
         self.step = 0
@@ -104,7 +149,9 @@ class Trainer:
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
         # Generation and export need the tokenizer even if the dataset folder moves later.
         shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
-        cfg, n = self.cfg, num_params(self.model)
+        cfg = self.cfg
+        with torch.device("meta"):
+            n = num_params(Transformer(cfg.model))
         log.write(
             f"model: {n / 1e6:.2f}M parameters, "
             f"{flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOP/token; "

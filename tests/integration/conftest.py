@@ -1,16 +1,13 @@
-"""Shared fixtures: one small prepared dataset from the real default corpus, and a tiny model."""
+"""Helpers for the CLI tests: a tiny model and run, and reading metrics.jsonl."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
-
 from distrib.cli import main
 
-# A small slice of the standard library and a model small enough for a few steps per second.
-DATA = ["--data.max_documents=120", "--model.vocab_size=512", "--data.seq_len=64"]
+# A model small enough for a few steps per second.
 TINY_MODEL = [
     "--model.dim=64",
     "--model.n_layers=2",
@@ -33,14 +30,6 @@ TINY_RUN = [
     "--metrics.progress=false",
     "--checkpoint.interval=4",
 ]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default corpus (first documents only), prepared once through the CLI."""
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    assert main(["prepare", f"--data.dir={out}", *DATA]) == 0
-    return out
 
 
 def train(data_dir: Path, run_dir: Path, *overrides: str) -> int:

@@ -34,7 +34,7 @@ def test_quick_start_trains_and_samples(tmp_path: Path) -> None:
     overrides = [
         f"--data.dir={tmp_path / 'data'}",
         f"--job.run_dir={tmp_path / 'run'}",
-        "--data.max_documents=60",
+        "--data.max_documents=150",
         "--training.steps=6",
         "--training.warmup_steps=2",
         "--training.eval_every=3",

@@ -134,3 +134,19 @@ def test_errors_before_any_work(data_dir: Path, tmp_path: Path, capsys, monkeypa
     assert train(data_dir, run) == 2
     assert "uses 1 process(es) but 2 were launched" in capsys.readouterr().err
     assert not run.exists()  # nothing was started or written
+
+
+def test_activation_checkpointing_keeps_the_losses(data_dir: Path, tmp_path: Path) -> None:
+    """Recomputing activations (all of them, or the cheap ones) changes memory, not math."""
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        run = tmp_path / mode
+        assert (
+            train(data_dir, run, "--training.steps=3", f"--parallel.activation_checkpoint={mode}")
+            == 0
+        )
+        runs[mode] = [(r["loss"], r["grad_norm"]) for r in records(run)]
+    for mode in ("full", "selective"):
+        for (loss, norm), (ref_loss, ref_norm) in zip(runs[mode], runs["none"], strict=True):
+            assert loss == pytest.approx(ref_loss, rel=1e-6)
+            assert norm == pytest.approx(ref_norm, rel=1e-5)

@@ -31,7 +31,7 @@ TINY = [
 def _engine(seed: int) -> NativeEngine:
     cfg = load_config(None, TINY)
     model = build_model(cfg.model, torch.device("cpu"), seed)
-    return NativeEngine(model, cfg.training, torch.device("cpu"))
+    return NativeEngine([model], cfg.training, torch.device("cpu"))
 
 
 def _step(engine: NativeEngine) -> None:
@@ -64,7 +64,7 @@ def test_round_trip_restores_model_optimizer_schedule_rng(tmp_path: Path) -> Non
         saved.model.state_dict().items(), loaded.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
-    assert loaded.scheduler.last_epoch == saved.scheduler.last_epoch == 3
+    assert loaded.schedulers[0].last_epoch == saved.schedulers[0].last_epoch == 3
     assert loaded.lr() == saved.lr()
     # The next step is identical: optimizer moments and step counts came back exactly.
     _step(saved)

@@ -1,0 +1,169 @@
+"""Per-rank memory of each parallel layout: parameters, gradients, optimizer state and peak.
+
+    python bench/memory.py                    # every layout that fits this machine's process count
+    python bench/memory.py --layouts dp_shard=2 tp=2
+
+Each layout runs under `torchrun --standalone`; every rank builds the engine exactly as
+`distrib train` does (`build_engine`), takes a micro-batch's backward to measure its gradients,
+then two full optimizer steps, and reports the bytes it holds locally (DTensor shards counted as
+their local part). Peak is CUDA's max allocated on a GPU, the process's peak RSS on a CPU (which
+includes the Python and torch runtime, ~0.3-0.5 GB). Prints a table and writes
+bench/results/memory-<device>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import environment, table, write_result  # noqa: E402
+
+from distrib.config import load_config  # noqa: E402
+from distrib.data.loader import Batch  # noqa: E402
+from distrib.metrics import memory_gb  # noqa: E402
+from distrib.runtime import Runtime, detect_launch, init_runtime, shutdown  # noqa: E402
+from distrib.trainer import build_engine  # noqa: E402
+
+# The debug model's shapes, untied so every layout applies.
+MODEL = [
+    "--model.dim=256",
+    "--model.n_layers=4",
+    "--model.n_heads=8",
+    "--model.n_kv_heads=4",
+    "--model.ffn_dim=768",
+    "--model.vocab_size=4096",
+    "--model.max_seq_len=256",
+    "--model.tie_embeddings=false",
+    "--data.seq_len=256",
+    "--training.global_batch_size=8",
+    "--training.micro_batch_size=4",
+]
+LAYOUTS = {
+    "single": (1, []),
+    "dp_replicate=2": (2, ["--parallel.dp_replicate=2"]),
+    "dp_shard=2": (2, ["--parallel.dp_shard=2"]),
+    "tp=2": (2, ["--parallel.tp=2"]),
+    "pp=2": (2, ["--parallel.pp=2"]),
+    "dp_shard=4": (4, ["--parallel.dp_shard=4"]),
+    "dp_replicate=2,dp_shard=2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    "dp_shard=2,tp=2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
+    "pp=2,dp_shard=2": (4, ["--parallel.pp=2", "--parallel.dp_shard=2"]),
+}
+MB = 2**20
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def worker(overrides: list[str], out: str) -> None:
+    """One rank: build, measure, gather the ranks' figures to rank 0, which writes them."""
+    runtime = init_runtime()
+    try:
+        cfg = load_config(None, [*MODEL, *overrides])
+        engine, _, _ = build_engine(cfg, Runtime(detect_launch(), runtime.device))
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 4096, (4, 257), generator=g)
+        batch = Batch(tokens[:, :-1], tokens[:, 1:], None)
+        params = [p for part in engine.parts for p in part.parameters()]
+        engine._micro_step(batch, 1.0)  # noqa: SLF001 - one backward, to see the gradients
+        grads = _bytes([p.grad for p in params if p.grad is not None])
+        for opt in engine.optimizers:
+            opt.zero_grad(set_to_none=True)
+        for _ in range(2):
+            engine.train_step([batch, batch])
+        states = [
+            t
+            for o in engine.optimizers
+            for s in o.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor) and t.ndim > 0
+        ]
+        record = {
+            "rank": runtime.rank,
+            "params_mb": _bytes(params) / MB,
+            "grads_mb": grads / MB,
+            "optimizer_mb": _bytes(states) / MB,
+            "peak_mb": memory_gb(runtime.device) * 1024,
+        }
+        gathered = [None] * runtime.world_size if runtime.is_main else None
+        if dist.is_initialized():
+            dist.gather_object(record, gathered, dst=0)
+        else:
+            gathered = [record]
+        if runtime.is_main:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        shutdown()
+
+
+def run_layout(name: str, nproc: int, overrides: list[str]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ranks.json"
+        args = [__file__, "--worker", "--out", str(out), "--", *overrides]
+        launcher = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={nproc}",
+            ]
+            if nproc > 1
+            else [sys.executable]
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        done = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.worker:
+        worker([a for a in rest if a != "--"], args.out)
+        return
+    results, rows = {}, [["layout", "rank", "params MB", "grads MB", "optim MB", "peak MB"]]
+    for name in args.layouts:
+        nproc, overrides = LAYOUTS[name]
+        results[name] = run_layout(name, nproc, overrides)
+        for r in results[name]:
+            rows.append(
+                [
+                    name,
+                    str(r["rank"]),
+                    f"{r['params_mb']:.2f}",
+                    f"{r['grads_mb']:.2f}",
+                    f"{r['optimizer_mb']:.2f}",
+                    f"{r['peak_mb']:.0f}",
+                ]
+            )
+    print(table(rows))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = write_result(
+        "memory", device, {"environment": environment(device), "model": MODEL, "layouts": results}
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Materialize a model built on the meta device and parallelized, with layout-invariant values.
+
+Every parameter gets the value the whole, unsharded model would give it (`initial_value` keyed by
+seed and name), cut to this rank's shard. So one process, FSDP, TP and pipeline stages all start
+from the same numbers, which is what makes their losses comparable step for step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from distrib.models.llama import Transformer
+
+# Wrappers that insert a path segment into parameter names (activation checkpointing,
+# torch.compile of a module); the model's own names are what init is keyed by.
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the bare model spells it."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+@torch.no_grad()
+def materialize(model: Transformer, device: torch.device, seed: int) -> None:
+    """`to_empty(device)`, then fill each parameter (plain or DTensor) from `initial_value`."""
+    model.to_empty(device=device)
+    model.init_rope()
+    model._retie()  # noqa: SLF001 - to_empty breaks tying in single-module layouts
+    for name, param in model.named_parameters():
+        full = model.initial_value(clean_name(name), param.shape, device, seed)
+        if isinstance(param, DTensor):
+            # Every rank computed the same full value, so each keeps its own shard locally:
+            # src_data_rank=None skips the scatter from a source rank.
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.copy_(full)
+
+
+def model_parts_params(parts: list[nn.Module]) -> list[nn.Parameter]:
+    """All trainable parameters of the model parts this rank holds (pipeline stages or one)."""
+    return [p for part in parts for p in part.parameters() if p.requires_grad]

@@ -1,0 +1,243 @@
+"""Pipeline parallelism: cut the Llama into stages, place them on ranks, run a schedule.
+
+The model is cut by layer: stage s holds the blocks `stage_layers(...)[s]`, the first stage also
+the embedding and the last the final norm, output head and loss. Each rank builds only its own
+stages (on meta, then parallelized and materialized like a whole model), wraps them in
+`torch.distributed.pipelining.PipelineStage`s and drives them with one of torch's schedules.
+
+Loss and gradient scaling. Torch's schedules can divide every `.grad` by the number of pipeline
+micro-batches after each step (`scale_grads=True`), but that division also hits the gradients
+the caller accumulated over earlier training micro-batches. So we build the schedules with
+`scale_grads=False` and scale the loss instead: each pipeline micro-batch's mean loss is
+multiplied by `loss_scale / n_microbatches`, whose sum over the step is `loss_scale` times the
+mean loss over the whole training micro-batch (the pipeline micro-batches are equal in size).
+
+Shape legend: B sequences in one training micro-batch, L sequence, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+from torch.distributed.tensor import DTensor
+
+from distrib.config import ModelConfig, ParallelConfig, split_points
+from distrib.engine import causal_lm_loss
+from distrib.models.llama import Transformer
+from distrib.parallel.init import materialize
+
+# Schedule name -> (torch schedule, how stages are placed on ranks). "single": one stage per rank;
+# "loop": rank r holds stages r, r + pp, r + 2 pp, ... (what torch's interleaved schedules expect).
+# zero_bubble is ScheduleInterleavedZeroBubble (ZB1P) rather than ScheduleZBVZeroBubble: it takes
+# the same looped placement as interleaved_1f1b and any number of stages per rank, where ZBV
+# needs exactly two in a V; and ZBV's forward-only `eval()` fails on torch 2.13 (its same-rank
+# V hand-off asks for backward state that an evaluation never creates).
+SCHEDULES: dict[str, tuple[type, str]] = {
+    "gpipe": (ScheduleGPipe, "single"),
+    "1f1b": (Schedule1F1B, "single"),
+    "interleaved_1f1b": (ScheduleInterleaved1F1B, "loop"),
+    "zero_bubble": (ScheduleInterleavedZeroBubble, "loop"),
+}
+
+
+def stage_layers(
+    n_layers: int, num_stages: int, split_points: list[int] | None = None
+) -> list[list[int]]:
+    """Layer ids of each stage: cut at `split_points` (the first layer of every stage after
+    the first), or evenly.
+
+    When the layers do not divide evenly the earlier stages take one extra each: the last stage
+    already carries the output projection and the float32 loss, which on a real vocabulary cost
+    as much as a layer or two, while the first stage's embedding is a lookup.
+    """
+    if not 1 <= num_stages <= n_layers:
+        raise ValueError(
+            f"cannot cut {n_layers} layers into {num_stages} pipeline stages of at least one layer"
+        )
+    if split_points:
+        bounds = [0, *split_points, n_layers]
+        if len(split_points) != num_stages - 1 or any(
+            a >= b for a, b in itertools.pairwise(bounds)
+        ):
+            raise ValueError(
+                f"split points {split_points} must be {num_stages - 1} strictly increasing "
+                f"layer indices within (0, {n_layers})"
+            )
+    else:
+        base, extra = divmod(n_layers, num_stages)
+        sizes = [base + (s < extra) for s in range(num_stages)]
+        bounds = [sum(sizes[:s]) for s in range(num_stages + 1)]
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+
+
+def stages_of_rank(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
+    """The stage indices pipeline rank `pp_rank` holds, in the order its schedule expects."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}: one of {sorted(SCHEDULES)}")
+    placement = SCHEDULES[schedule][1]
+    if placement == "single" and stages_per_rank != 1:
+        raise ValueError(f"schedule {schedule!r} holds one stage per rank, not {stages_per_rank}")
+    if placement == "loop" and stages_per_rank < 2:
+        raise ValueError(f"schedule {schedule!r} needs at least 2 stages per rank")
+    return [pp_rank + i * pp for i in range(stages_per_rank)]
+
+
+def build_stage(
+    model_cfg: ModelConfig, layer_ids: list[int], first: bool, last: bool
+) -> Transformer:
+    """A Transformer on meta holding only `layer_ids` (under their original keys, so parameter
+    names are the whole model's), the embedding if `first`, the norm and head if `last`."""
+    if model_cfg.tie_embeddings and not (first and last):
+        raise ValueError("tied embeddings cannot be split across pipeline stages; untie them")
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    keep = {str(i) for i in layer_ids}
+    for key in list(model.layers.keys()):
+        if key not in keep:
+            del model.layers[key]
+    if not first:
+        model.tok_embeddings = None
+    if not last:
+        model.norm = None
+        model.output = None
+    return model
+
+
+class _ScaledLoss:
+    """The schedule's loss function: mean cross-entropy of one pipeline micro-batch, scaled for
+    backward; the unscaled values are recorded for reporting."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+        self.values: list[Tensor] = []
+
+    def __call__(self, logits_BLV: Tensor, labels_BL: Tensor) -> Tensor:
+        loss = causal_lm_loss(logits_BLV, labels_BL)
+        value = loss.detach()
+        # Under loss parallelism the loss is a replicated DTensor; report a plain tensor.
+        self.values.append(value.full_tensor() if isinstance(value, DTensor) else value)
+        return loss * self.scale
+
+
+class Pipeline:
+    """This rank's pipeline stages and the schedule that runs them."""
+
+    def __init__(
+        self,
+        parts: list[Transformer],
+        stages: list[PipelineStage],
+        schedule: object,
+        n_microbatches: int,
+        loss_fn: _ScaledLoss,
+        loss_context: Callable[[], AbstractContextManager],
+    ) -> None:
+        self.parts = parts
+        self.stages = stages
+        self.schedule = schedule
+        self.n_microbatches = n_microbatches
+        self.has_first = any(stage.is_first for stage in stages)
+        self.has_last = any(stage.is_last for stage in stages)
+        self._loss_fn = loss_fn
+        self._loss_context = loss_context
+
+    def step(
+        self, inputs_BL: Tensor | None, labels_BL: Tensor | None, loss_scale: float = 1.0
+    ) -> Tensor | None:
+        """Forward and backward over one training micro-batch, accumulating into `.grad`.
+
+        Gradients are those of `loss_scale * mean loss` over the micro-batch's sequences; the
+        mean loss comes back, detached, on the rank holding the last stage (None elsewhere).
+        Inputs are read only where the first stage lives, labels only where the last does.
+        """
+        return self._run(self.schedule.step, inputs_BL, labels_BL, loss_scale)
+
+    def eval_step(self, inputs_BL: Tensor | None, labels_BL: Tensor | None) -> Tensor | None:
+        """Forward only: the mean loss over the micro-batch on the last-stage rank, else None."""
+        return self._run(self.schedule.eval, inputs_BL, labels_BL, 1.0)
+
+    def _run(
+        self,
+        run: Callable[..., object],
+        inputs_BL: Tensor | None,
+        labels_BL: Tensor | None,
+        loss_scale: float,
+    ) -> Tensor | None:
+        if self.has_first and inputs_BL is None:
+            raise ValueError("this rank holds the first pipeline stage: pass the input tokens")
+        if self.has_last and labels_BL is None:
+            raise ValueError("this rank holds the last pipeline stage: pass the labels")
+        self._loss_fn.scale = loss_scale / self.n_microbatches
+        self._loss_fn.values.clear()
+        args = (inputs_BL,) if self.has_first else ()
+        target = labels_BL if self.has_last else None
+        with self._loss_context():
+            # return_outputs=False: the last stage would otherwise keep and concatenate every
+            # micro-batch's logits, a B x L x V tensor nobody reads.
+            run(*args, target=target, return_outputs=False)
+        if not self.has_last:
+            return None
+        # The last n: on its first step torch may call the loss once more to infer shapes.
+        values = self._loss_fn.values[-self.n_microbatches :]
+        self._loss_fn.values.clear()
+        return torch.stack(values).mean()
+
+
+def build_pipeline(
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    pp_mesh: DeviceMesh,
+    device: torch.device,
+    seed: int,
+    micro_batch_size: int,
+    parallelize: Callable[[Transformer], None] = lambda m: None,
+    loss_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> Pipeline:
+    """Build this rank's stages (parallelized by `parallelize`, then materialized from `seed`)
+    and the schedule `parallel.pp_schedule` over `pp_mesh`.
+
+    Each training micro-batch of `micro_batch_size` sequences is cut into
+    `parallel.pp_microbatches` pipeline micro-batches (0: one per sequence).
+    """
+    pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    num_stages = pp * parallel.pp_stages_per_rank
+    n_microbatches = parallel.pp_microbatches or micro_batch_size
+    if micro_batch_size % n_microbatches:
+        raise ValueError(
+            f"{n_microbatches} pipeline micro-batches must divide the micro-batch size "
+            f"{micro_batch_size}"
+        )
+    points = split_points(parallel, model_cfg.n_layers) if parallel.pp_split_points else None
+    layers = stage_layers(model_cfg.n_layers, num_stages, points)
+    group = pp_mesh.get_group()
+    parts: list[Transformer] = []
+    stages: list[PipelineStage] = []
+    for index in stages_of_rank(pp_rank, pp, parallel.pp_stages_per_rank, parallel.pp_schedule):
+        part = build_stage(model_cfg, layers[index], index == 0, index == num_stages - 1)
+        parallelize(part)
+        materialize(part, device, seed)
+        parts.append(part)
+        # No example inputs: shapes and dtypes are inferred on the first step, so whatever the
+        # parallelize callback made of the activations (dtype, DTensor) is what travels.
+        stages.append(PipelineStage(part, index, num_stages, device, group=group))
+    schedule_cls, placement = SCHEDULES[parallel.pp_schedule]
+    loss_fn = _ScaledLoss()
+    schedule = schedule_cls(
+        stages[0] if placement == "single" else stages,
+        n_microbatches=n_microbatches,
+        loss_fn=loss_fn,
+        scale_grads=False,  # the loss is scaled instead; see the module docstring
+    )
+    return Pipeline(parts, stages, schedule, n_microbatches, loss_fn, loss_context)

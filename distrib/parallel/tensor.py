@@ -1,0 +1,108 @@
+"""Tensor parallelism with sequence parallelism (Megatron-style) for the Llama model.
+
+The plan is data: module-name pattern -> ParallelStyle, handed to torch's `parallelize_module`.
+Inside a block, attention heads and feed-forward columns are split over the "tp" axis; between
+the matmul pairs the residual stream stays sharded on the sequence (sequence parallel), so norms
+and residual adds run on L/tp positions and each pair costs one all-gather (before) and one
+reduce-scatter (after) instead of an all-reduce.
+
+What flows between modules under this plan (local tensors unless said otherwise):
+  tokens_BL (full, every rank) -> tok_embeddings -> h [B, L/tp, D] (this rank's positions)
+  block in/out: h [B, L/tp, D]; rope tables and doc_ids_BL stay full, plain tensors
+  norm -> DTensor Shard(1) -> output -> logits: DTensor [B, L, V] Shard(-1) with loss_parallel,
+  else a plain full [B, L, V] tensor.
+A pipeline stage therefore sends and receives its rank's local [B, L/tp, D] sequence shard.
+
+Legend: B batch, L sequence, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from torch import Tensor, nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.parallel import loss_parallel as _loss_parallel
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+
+def _block_plan() -> dict[str, ParallelStyle]:
+    # Attention is called as attention(x, rope_cos, rope_sin, doc_ids): only x is gathered; the
+    # RoPE tables and doc ids are plain full tensors on every rank (None = leave as is).
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(
+            input_layouts=(Shard(1), None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None),
+        ),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+        ),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+
+
+def tp_plan(model: nn.Module, loss_parallel: bool) -> dict[str, ParallelStyle]:
+    """The tensor + sequence parallel plan for the modules `model` holds (a whole model or a
+    pipeline stage without embedding or head), as module-name pattern -> style."""
+    plan: dict[str, ParallelStyle] = {}
+    if getattr(model, "tok_embeddings", None) is not None:
+        # Vocab-parallel embedding: each rank looks up its rows, the partial sums are
+        # reduce-scattered straight onto the sequence shards.
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if len(getattr(model, "layers", ())) > 0:
+        plan.update({f"layers.*.{name}": style for name, style in _block_plan().items()})
+    if getattr(model, "norm", None) is not None:
+        plan["norm"] = SequenceParallel()
+    if getattr(model, "output", None) is not None:
+        # With loss_parallel the logits stay vocab-sharded (a DTensor) and the cross-entropy
+        # reduces over the shards, so the [B, L, V] logits are never gathered.
+        plan["output"] = ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    return plan
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+    """Shard `model` (meta or real) over the 1-D `tp_mesh` in place, following `tp_plan`.
+
+    Call before activation checkpointing, compile and FSDP; on a meta model, `materialize`
+    afterwards fills each shard with its slice of the layout-invariant initial value.
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tp needs a 1-D mesh (the 'tp' axis), got {tp_mesh.ndim}-D")
+    parallelize_module(model, tp_mesh, tp_plan(model, loss_parallel))
+    if getattr(model, "tok_embeddings", None) is not None:
+        model.tok_embeddings.register_forward_hook(_settle_async_output)
+
+
+def _settle_async_output(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    # The embedding's reduce-scatter is issued async, so its output is an AsyncCollectiveTensor.
+    # Fed to a torch.compile'd block, that wrapper breaks the backward (DTensor's redistribute
+    # backward receives a plain tensor; seen on torch 2.13). A differentiable op waits and unwraps
+    # it, for one [B, L/tp, D] copy; `wait()` would unwrap too but cut the embedding's gradient.
+    return output.clone() if isinstance(output, AsyncCollectiveTensor) else output
+
+
+def loss_context(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """Wrap the loss and its backward: `loss_parallel()` when the logits are vocab-sharded."""
+    return _loss_parallel() if enabled else contextlib.nullcontext()

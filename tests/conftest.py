@@ -1,0 +1,20 @@
+"""Fixtures shared by the integration and distributed tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distrib.cli import main
+
+# A small slice of the standard library, tokenized once per test session.
+DATA = ["--data.max_documents=120", "--model.vocab_size=512", "--data.seq_len=64"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default corpus (first documents only), prepared through the CLI."""
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    assert main(["prepare", f"--data.dir={out}", *DATA]) == 0
+    return out

@@ -1,0 +1,77 @@
+"""Layout degrees: inference, the world-size product, and every bad layout's message."""
+
+import pytest
+
+from distrib.cli import main
+from distrib.config import ConfigError, ParallelConfig, load_config
+from distrib.parallel.dims import ParallelDims
+
+UNTIED = ["--model.tie_embeddings=false"]
+
+
+def test_infers_the_minus_one_degree() -> None:
+    dims = ParallelDims.from_config(ParallelConfig(dp_shard=-1, tp=2), world_size=8)
+    assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp) == (1, 4, 2, 1)
+    assert dims.dp == 4 and dims.world_size == 8
+
+
+def test_product_must_equal_world() -> None:
+    with pytest.raises(ConfigError, match=r"uses 4 process\(es\) but 8 were launched"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=2, tp=2), world_size=8)
+    with pytest.raises(ConfigError, match="cannot be inferred.*multiply to 3"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=-1, tp=3), world_size=8)
+
+
+def test_batch_must_split_over_data_parallel_ranks_and_pipeline() -> None:
+    cfg = load_config(None, ["--training.global_batch_size=8", "--training.micro_batch_size=4"])
+    dims = ParallelDims.from_config(ParallelConfig(dp_shard=2), world_size=2)
+    assert dims.check_batch(cfg.training, 0) == 1
+    with pytest.raises(ConfigError, match="not a multiple"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=4), 4).check_batch(cfg.training, 0)
+    pp = ParallelDims.from_config(ParallelConfig(pp=2), 2)
+    with pytest.raises(ConfigError, match=r"pp_microbatches \(3\) must divide"):
+        pp.check_batch(cfg.training, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["--parallel.tp=3", *UNTIED], r"parallel.tp \(3\) must divide model.n_heads \(8\)"),
+        (["--parallel.tp=2"], "tie_embeddings = true cannot be combined"),
+        (["--parallel.pp=8", *UNTIED], r"= 8 stages exceeds model.n_layers \(4\)"),
+        (["--parallel.pp=2", "--parallel.pp_stages_per_rank=2", *UNTIED], "needs an interleaved"),
+        (
+            ["--parallel.pp=2", "--parallel.pp_schedule=zero_bubble", *UNTIED],
+            "pp_stages_per_rank >= 2",
+        ),
+        (["--parallel.pp=2", "--parallel.pp_split_points=1,2", *UNTIED], "2 stages need 1"),
+        (["--parallel.pp=2", "--parallel.pp_split_points=x", *UNTIED], "comma-separated"),
+        (["--parallel.pp=2", "--parallel.pp_split_points=4", *UNTIED], "within"),
+        (["--parallel.pp=2", "--data.cross_document_attention=false", *UNTIED], "document ids"),
+        (["--parallel.tp=-1", "--parallel.pp=-1"], "at most one"),
+        (["--parallel.dp_shard=0"], "positive or -1"),
+        (["--parallel.activation_checkpoint=some"], "valid: none, full, selective"),
+    ],
+)
+def test_bad_layouts(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_cli_refuses_a_bad_layout_before_any_process_group(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path
+) -> None:
+    import numpy as np
+    import torch.distributed as dist
+
+    from distrib.data.shards import write_token_dataset
+
+    data = write_token_dataset(
+        tmp_path / "d", {"train": np.arange(2000) % 50, "val": np.arange(500) % 50}, 64, 0
+    )
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code = main(["train", f"--data.dir={data}", "--parallel.dp_shard=2", "--model.vocab_size=64"])
+    assert code == 2
+    assert "uses 2 process(es) but 4 were launched" in capsys.readouterr().err
+    assert not dist.is_initialized()
