@@ -48,7 +48,7 @@ MODEL = [
     "--model.max_seq_len=256",
     "--model.tie_embeddings=false",
     "--data.seq_len=256",
-    "--training.global_batch_size=8",
+    "--training.global_batch_size=16",
     "--training.micro_batch_size=4",
 ]
 LAYOUTS = {
@@ -107,6 +107,7 @@ def worker(overrides: list[str], out: str) -> None:
             gathered = [record]
         if runtime.is_main:
             Path(out).write_text(json.dumps(gathered))
+        runtime.barrier()  # finish in-flight collectives before the group is torn down
     finally:
         shutdown()
 
@@ -129,7 +130,7 @@ def run_layout(name: str, nproc: int, overrides: list[str]) -> list[dict]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         done = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"layout {name} failed:\n{done.stderr[-3000:]}")
         return json.loads(out.read_text())
 
 
