@@ -10,13 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distrib.config import ModelConfig, ParallelConfig
+from distrib.config import ParallelConfig
 from distrib.engine import causal_lm_loss
 from distrib.models.llama import Transformer
 from distrib.parallel.dims import ParallelDims
 from distrib.parallel.init import clean_name, materialize
 from distrib.parallel.pipeline import build_pipeline
 from tests.distributed.harness import spawn
+from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,17 +25,7 @@ SEED = 1234
 MICRO_BATCH, SEQ = 4, 16
 # Micro-batches per optimizer step: one, then two accumulated (loss_scale 0.5), then one.
 ACCUM = (1, 2, 1)
-CFG = ModelConfig(
-    dim=32,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    ffn_dim=64,
-    vocab_size=96,
-    max_seq_len=SEQ,
-    tie_embeddings=False,
-    attention="sdpa",
-)
+CFG = tiny_config(n_layers=4, vocab_size=96, max_seq_len=SEQ, attention="sdpa")
 
 
 def _batches() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:

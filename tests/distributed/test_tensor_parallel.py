@@ -23,23 +23,14 @@ from distrib.parallel.compile import apply_compile
 from distrib.parallel.init import clean_name, materialize
 from distrib.parallel.tensor import apply_tp, loss_context, tp_plan
 from tests.distributed.harness import spawn
+from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.slow
 
 TP = 2
 SEED = 7
 B, L = 2, 16
-CFG = ModelConfig(
-    dim=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    ffn_dim=64,
-    vocab_size=64,
-    max_seq_len=32,
-    tie_embeddings=False,
-    attention="eager",
-)
+CFG = tiny_config()
 
 
 def _build(cfg: ModelConfig, mesh: DeviceMesh | None, loss_parallel: bool = True) -> Transformer:

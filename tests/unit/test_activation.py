@@ -13,24 +13,14 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distrib.config import ModelConfig
 from distrib.engine import causal_lm_loss
 from distrib.models.llama import Transformer
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
 from distrib.parallel.init import clean_name
+from tests.tiny import tiny_config
 
-CFG = ModelConfig(
-    dim=32,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    ffn_dim=64,
-    vocab_size=64,
-    max_seq_len=32,
-    tie_embeddings=False,
-    attention="eager",
-)
+CFG = tiny_config()
 
 
 def _model(attention: str = "eager") -> Transformer:
