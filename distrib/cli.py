@@ -1,4 +1,4 @@
-"""`distrib train | prepare | generate`: parse, call, and tear down. No logic lives here."""
+"""`distrib train | prepare | generate | report`: parse, call, tear down. No logic lives here."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest (0: all)")
     gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     gen.add_argument("--seed", type=int, default=0)
+    rep = sub.add_parser(
+        "report", help="charts (PNG) and a summary table (Markdown) of one or more runs"
+    )
+    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders")
+    rep.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <first RUN_DIR>/report)"
+    )
     return parser
 
 
@@ -88,15 +95,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from distrib.report import write_report
+
+    out = args.out if args.out is not None else args.run_dirs[0] / "report"
+    paths = write_report(args.run_dirs, out)
+    print(paths[-1].read_text(encoding="utf-8"), end="")
+    print(f"wrote {len(paths)} files to {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distrib` console script; returns the exit code."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command == "generate":
+        if args.command in ("generate", "report"):
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
-            cmd_generate(args)
+            if args.command == "generate":
+                cmd_generate(args)
+            else:
+                cmd_report(args)
             return 0
         cfg = load_config(args.config, rest)
         if args.command == "train":

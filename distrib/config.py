@@ -136,8 +136,20 @@ class MetricsConfig:
     tensorboard: bool = _f(False, "write TensorBoard events to <run_dir>/tensorboard")
     wandb: bool = _f(False, "log to Weights & Biases (needs the wandb extra)")
     peak_tflops: float = _f(0.0, "device peak TFLOP/s for MFU (0: look up the device)")
+    straggler_every: int = _f(
+        100, "compare all ranks' step timing every N steps (0: never; one gather of a few floats)"
+    )
+    straggler_threshold: float = _f(
+        0.2, "report a rank that keeps the others waiting more than this fraction of a step"
+    )
     wandb_project: str = _f("distrib", "W&B project name")
     wandb_run_name: str = _f("", "W&B run name (empty: the run folder's name)")
+
+
+@dataclass
+class DebugConfig:
+    straggler_rank: int = _f(-1, "make this rank sleep every step, to test straggler reports")
+    straggler_sleep_s: float = _f(0.0, "seconds that rank sleeps per step")
 
 
 @dataclass
@@ -149,6 +161,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # Resolved once: with postponed annotations the dataclass field types are strings.
@@ -327,6 +340,11 @@ def validate(cfg: Config) -> None:
         f"metrics.log_every must be positive, got {cfg.metrics.log_every}",
     )
     _check(cfg.metrics.peak_tflops >= 0, "metrics.peak_tflops must be >= 0")
+    _check(
+        cfg.metrics.straggler_every >= 0 and cfg.metrics.straggler_threshold > 0,
+        "metrics.straggler_every must be >= 0 and metrics.straggler_threshold > 0",
+    )
+    _check(cfg.debug.straggler_sleep_s >= 0, "debug.straggler_sleep_s must be >= 0")
 
 
 def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: TrainingConfig) -> None:

@@ -12,6 +12,7 @@ Legend: B batch, L sequence, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,12 +40,13 @@ class StepResult:
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
+    timings: dict[str, float] | None = None  # seconds per phase, on steps asked to be timed
 
 
 class Engine(Protocol):
     model: nn.Module
 
-    def train_step(self, batches: list[Batch]) -> StepResult: ...
+    def train_step(self, batches: list[Batch], timed: bool = False) -> StepResult: ...
 
     def eval_loss(self, batches: list[Batch]) -> torch.Tensor: ...
 
@@ -125,10 +127,19 @@ class NativeEngine:
             (loss * scale).backward()
         return _plain(loss.detach())
 
-    def train_step(self, batches: list[Batch]) -> StepResult:
-        """Accumulate gradients over `batches`, clip, update and advance the LR schedule."""
+    def _now(self, timed: bool) -> float:
+        # A timed step waits for the device at each phase boundary so the split is real on GPUs;
+        # untimed steps never synchronize.
+        if timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def train_step(self, batches: list[Batch], timed: bool = False) -> StepResult:
+        """Accumulate gradients over `batches`, clip, update and advance the LR schedule;
+        `timed` measures forward+backward and optimizer time."""
         for part in self.parts:
             part.train()
+        start = self._now(timed)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             # Reduce gradients across data-parallel ranks once, after the last micro-batch.
@@ -136,14 +147,21 @@ class NativeEngine:
             loss = self._micro_step(batch, 1.0 / len(batches))
             if loss is not None:
                 total += loss.float()
+        computed = self._now(timed)
         grad_norm = self._clip_grad_norm()
         for opt, scheduler in zip(self.optimizers, self.schedulers, strict=True):
             opt.step()
             opt.zero_grad(set_to_none=True)
             scheduler.step()
-        return StepResult(
-            loss=self._mean_over_loss_ranks(total / len(batches)), grad_norm=grad_norm
-        )
+        updated = self._now(timed)
+        timings = None
+        if timed:
+            timings = {
+                "time_forward_backward_s": computed - start,
+                "time_optimizer_s": updated - computed,
+            }
+        loss = self._mean_over_loss_ranks(total / len(batches))
+        return StepResult(loss=loss, grad_norm=grad_norm, timings=timings)
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """The norm of all gradients of the whole model, wherever its pieces live, then clip."""

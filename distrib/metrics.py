@@ -78,6 +78,36 @@ def memory_gb(device: torch.device) -> float:
     )  # bytes on macOS, KiB on Linux
 
 
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """`memory_gb` (peak: CUDA max allocated, or RSS on CPU) and, on CUDA, max reserved."""
+    stats = {"memory_gb": memory_gb(device)}
+    if device.type == "cuda":
+        stats["memory_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return stats
+
+
+class StepTimes:
+    """Seconds spent per phase, summed over the steps of a logging window; read as means."""
+
+    PHASES = ("time_data_s", "time_checkpoint_s")
+
+    def __init__(self) -> None:
+        self._sums = dict.fromkeys(self.PHASES, 0.0)
+        self._steps = 0
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Add `seconds` to `phase`; each `time_data_s` entry also counts one step."""
+        self._sums[phase] += seconds
+        self._steps += phase == "time_data_s"
+
+    def read(self) -> dict[str, float]:
+        """Mean seconds per step of each phase since the last read."""
+        steps = max(self._steps, 1)
+        means = {phase: total / steps for phase, total in self._sums.items()}
+        self._sums, self._steps = dict.fromkeys(self.PHASES, 0.0), 0
+        return means
+
+
 class Throughput:
     """Tokens/s, TFLOP/s per device and MFU over the steps since the last `read()`."""
 

@@ -19,9 +19,17 @@ from distrib.data.loader import TokenLoader, build_loaders
 from distrib.data.shards import TokenShards
 from distrib.engine import Engine, NativeEngine, StepResult
 from distrib.errors import ConfigError
-from distrib.metrics import MetricsLogger, Throughput, flops_per_token, memory_gb, peak_tflops
+from distrib.metrics import (
+    MetricsLogger,
+    StepTimes,
+    Throughput,
+    flops_per_token,
+    memory_stats,
+    peak_tflops,
+)
 from distrib.models.llama import Transformer, num_params
 from distrib.runtime import Runtime, rng_state, seed_everything, set_rng_state
+from distrib.stragglers import StragglerMonitor
 
 
 def check_dataset(data: DataConfig, model: ModelConfig) -> TokenShards:
@@ -183,38 +191,77 @@ class Trainer:
             self.runtime.world_size,
             peak,
         )
+        monitor = StragglerMonitor(m.straggler_every, m.straggler_threshold, self.runtime.rank)
+        times = StepTimes()
         record: dict[str, Any] = {}
         start = time.perf_counter()
         try:
             last = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
             while self.step < last:
-                result = self.engine.train_step(self.train_loader.next_step())
+                step_start = time.perf_counter()
+                batches = self.train_loader.next_step()
+                self._debug_sleep()
+                ready_at = time.time()  # wall clock: compared across ranks (see stragglers.py)
+                times.add("time_data_s", time.perf_counter() - step_start)
+                result = self.engine.train_step(batches, timed=self._logs(self.step + 1))
                 lr = self.engine.lr()  # the rate this step used; the scheduler has moved on
                 self.step += 1
                 meter.add(self.tokens_per_step)
-                record = self._after_step(result, lr, meter, log, start)
+                monitor.record(ready_at, time.perf_counter() - step_start)
+                lagging = monitor.check() if monitor.due(self.step) else None
+                record = self._after_step(result, lr, meter, log, start, times, lagging)
         finally:
             log.close()
         return record
 
+    def _logs(self, step: int) -> bool:
+        t = self.cfg.training
+        evaluates = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
+        return step % self.cfg.metrics.log_every == 0 or evaluates or step == t.steps
+
+    def _debug_sleep(self) -> None:
+        d = self.cfg.debug
+        if d.straggler_sleep_s > 0 and self.runtime.rank == d.straggler_rank:
+            time.sleep(d.straggler_sleep_s)
+
     def _after_step(
-        self, result: StepResult, lr: float, meter: Throughput, log: MetricsLogger, start: float
+        self,
+        result: StepResult,
+        lr: float,
+        meter: Throughput,
+        log: MetricsLogger,
+        start: float,
+        times: StepTimes,
+        lagging: dict[str, Any] | None,
     ) -> dict[str, Any]:
         t = self.cfg.training
         step, last = self.step, self.step == t.steps
         record: dict[str, Any] = {}
         eval_now = t.eval_every > 0 and (step % t.eval_every == 0 or last)
-        if step % self.cfg.metrics.log_every == 0 or eval_now or last:
+        if self._logs(step) or lagging:
             # .item() waits for the device, so only logged steps pay for it.
+            figures = meter.read()
             record = {
                 "step": step,
                 "loss": float(result.loss),
                 "lr": lr,
                 "grad_norm": float(result.grad_norm),
-                **meter.read(),
-                "memory_gb": memory_gb(self.runtime.device),
+                "tokens": step * self.tokens_per_step,
+                **figures,
+                "tokens_per_s_per_device": figures["tokens_per_s"] / self.runtime.world_size,
+                **memory_stats(self.runtime.device),
+                **times.read(),
+                **(result.timings or {}),
                 "elapsed_s": time.perf_counter() - start,
             }
+            if lagging:
+                record.update(lagging)
+                for r in lagging["stragglers"]:
+                    log.write(
+                        f"step {step}: straggler: rank {r['rank']} on {r['host']} keeps the others "
+                        f"waiting {r['lag_s']:.3f} s per step ({r['slowdown']:.0%} of the median "
+                        f"step, {lagging['median_step_s']:.3f} s)"
+                    )
             self._shown = (record["loss"], lr, record["tokens_per_s"])
             if eval_now:
                 with meter.paused():
@@ -224,7 +271,9 @@ class Trainer:
             log.log(record)
         log.progress(step, *self._shown)
         if self.checkpointer.due(step, t.steps) or step == t.stop_at_step:
+            saving = time.perf_counter()
             with meter.paused():
                 path = self.checkpointer.save(step, self.checkpoint_state())
+            times.add("time_checkpoint_s", time.perf_counter() - saving)
             log.write(f"step {step}: saved {path}")
         return record

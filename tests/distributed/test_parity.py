@@ -116,7 +116,9 @@ def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
     return _run(data_dir, tmp_path_factory.mktemp("ref"), 1, [])
 
 
-def _assert_parity(records: list[dict], reference: list[dict], layout: list[str]) -> None:
+def _assert_parity(
+    records: list[dict], reference: list[dict], layout: list[str], nproc: int
+) -> None:
     splits_math = any(arg.startswith(("--parallel.tp", "--parallel.pp")) for arg in layout)
     grad_rtol = SPLIT_MATH_GRAD_NORM_RTOL if splits_math else DP_GRAD_NORM_RTOL
     assert [r["step"] for r in records] == [r["step"] for r in reference]
@@ -127,17 +129,20 @@ def _assert_parity(records: list[dict], reference: list[dict], layout: list[str]
         assert got["loss"] == pytest.approx(want["loss"], rel=LOSS_RTOL), got["step"]
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=grad_rtol), got["step"]
         assert got["lr"] == want["lr"]
+        # Tokens are counted once however the layout splits them; per-device rates divide by all.
+        assert got["tokens"] == want["tokens"] == got["step"] * 8 * 64
         assert got["tokens_per_s"] > 0
+        assert got["tokens_per_s_per_device"] == pytest.approx(got["tokens_per_s"] / nproc)
 
 
 @pytest.mark.parametrize("name", list(WORLD_2))
 def test_world_2(name: str, data_dir: Path, tmp_path: Path, reference: list[dict]) -> None:
-    _assert_parity(_run(data_dir, tmp_path, 2, WORLD_2[name]), reference, WORLD_2[name])
+    _assert_parity(_run(data_dir, tmp_path, 2, WORLD_2[name]), reference, WORLD_2[name], 2)
 
 
 @pytest.mark.parametrize("name", list(WORLD_4))
 def test_world_4(name: str, data_dir: Path, tmp_path: Path, reference: list[dict]) -> None:
-    _assert_parity(_run(data_dir, tmp_path, 4, WORLD_4[name]), reference, WORLD_4[name])
+    _assert_parity(_run(data_dir, tmp_path, 4, WORLD_4[name]), reference, WORLD_4[name], 4)
 
 
 @pytest.mark.parametrize(
@@ -154,4 +159,4 @@ def test_stop_and_resume_under_layout(
     """Save, stop at step 3, resume under the same layout: the losses of an unbroken run."""
     layout = [*layout, "--checkpoint.interval=3"]
     _run(data_dir, tmp_path, nproc, [*layout, "--training.stop_at_step=3"])
-    _assert_parity(_run(data_dir, tmp_path, nproc, layout), reference, layout)
+    _assert_parity(_run(data_dir, tmp_path, nproc, layout), reference, layout, nproc)

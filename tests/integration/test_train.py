@@ -150,3 +150,41 @@ def test_activation_checkpointing_keeps_the_losses(data_dir: Path, tmp_path: Pat
         for (loss, norm), (ref_loss, ref_norm) in zip(runs[mode], runs["none"], strict=True):
             assert loss == pytest.approx(ref_loss, rel=1e-6)
             assert norm == pytest.approx(ref_norm, rel=1e-5)
+
+
+def test_step_time_breakdown_and_tokens(data_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train(data_dir, run, "--training.steps=4", "--checkpoint.interval=2") == 0
+    recs = records(run)
+    for r in recs:
+        assert r["tokens"] == r["step"] * 8 * 64
+        assert r["tokens_per_s_per_device"] == r["tokens_per_s"]  # one device
+        assert r["time_data_s"] >= 0 and r["time_forward_backward_s"] > 0
+        assert r["time_optimizer_s"] > 0 and r["time_checkpoint_s"] >= 0
+    assert recs[2]["time_checkpoint_s"] > 0  # the window after the step-2 save
+
+
+def test_wandb_offline_run_without_leaking_the_key(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("wandb")
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    overrides = [
+        "--training.steps=3",
+        "--metrics.wandb=true",
+        "--metrics.wandb_run_name=offline-test",
+    ]
+    assert train(data_dir, run, *overrides) == 0
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1
+    # The offline log is wandb's binary record stream; metric keys are stored as strings in it.
+    data = offline[0].read_bytes()
+    for key in (b"loss", b"grad_norm", b"tokens_per_s", b"offline-test"):
+        assert key in data, key
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
