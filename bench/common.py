@@ -29,6 +29,31 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def foreign_cpu_seconds() -> float | None:
+    """CPU seconds all other processes have used since boot (Linux), None where unknown.
+
+    The difference over a timed step tells whether something else ran on the machine meanwhile:
+    on a shared machine with few cores that can slow a step several-fold, so such steps are set
+    aside rather than averaged in.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    busy = user + nice + system + irq + softirq + steal
+    mine = sum(int(f) for f in own[11:13])  # utime, stime of every thread of this process
+    return (busy - mine) / ticks
+
+
+def stamp(device: torch.device) -> tuple[float, float | None]:
+    """(perf_counter after the device has caught up, foreign CPU seconds so far)."""
+    sync(device)
+    return time.perf_counter(), foreign_cpu_seconds()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
