@@ -188,3 +188,13 @@ def test_wandb_offline_run_without_leaking_the_key(
     for path in run.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_compiled_blocks_train_like_eager(data_dir: Path, tmp_path: Path) -> None:
+    """training.compile = true (inductor, per block) through the trainer: same losses, up to the
+    float reassociation a fused kernel may do."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert train(data_dir, eager, "--training.steps=3") == 0
+    assert train(data_dir, compiled, "--training.steps=3", "--training.compile=true") == 0
+    for a, b in zip(records(compiled), records(eager), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
