@@ -1,19 +1,23 @@
 """Checkpoints through torch.distributed.checkpoint (DCP), the same code at any world size.
 
 A checkpoint is the folder `<run_dir>/checkpoints/step-NNNNNNNN`. It is written under a `.tmp`
-name and renamed into place only after every rank has finished writing, so a crash mid-save never
-leaves a folder that looks complete; DCP writes its `.metadata` last, which `is_complete` also
-requires. The state is a dict of `Stateful` objects (model, optimizer, scheduler, loader) plus
+name; once every rank has finished writing, rank 0 adds `manifest.json` (sizes, checksums,
+layout) and renames the folder into place, so a crash mid-save never leaves a folder that looks
+complete. Resuming checks the manifest and falls back past damaged checkpoints (`manifest.py`). The state is a dict of `Stateful` objects (model, optimizer, scheduler, loader) plus
 the step and each rank's RNG states.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import shutil
+import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from distrib import manifest
 from distrib.config import CheckpointConfig
 from distrib.errors import CheckpointError
 
@@ -101,9 +107,11 @@ def step_dir(folder: Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    """A finished checkpoint: renamed into place and holding DCP's metadata file."""
+    """A finished checkpoint: renamed into place and holding its manifest, written last."""
     return (
-        path.is_dir() and _STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file()
+        path.is_dir()
+        and _STEP_DIR.match(path.name) is not None
+        and (path / manifest.MANIFEST).is_file()
     )
 
 
@@ -145,34 +153,132 @@ def rng_key(rank: int) -> str:
     return f"rng_rank{rank}"
 
 
-class Checkpointer:
-    """Saves every `interval` steps, keeps the newest `keep`, and finds where to resume."""
+# One process saves in the background too where DCP allows it (torch >= 2.12 has no_dist there).
+_ASYNC_NO_DIST = "no_dist" in inspect.signature(dcp.async_save).parameters
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path) -> None:
+# Writes one checkpoint's files into a folder, in the background when asked (returning a future
+# that completes when the files are on disk), else before returning None.
+Writer = Callable[[Path, bool], "Future[Any] | None"]
+
+
+def dcp_writer(state: Mapping[str, Any], process_group: dist.ProcessGroup | None = None) -> Writer:
+    """A `Writer` that saves `state` with DCP; in the background through `dcp.async_save`, whose
+    collectives run on `process_group` so they never interleave with training's."""
+
+    def write(folder: Path, background: bool) -> Future[Any] | None:
+        with _dcp_call() as single:
+            if background and (not single or _ASYNC_NO_DIST):
+                extra = {"no_dist": True} if single else {"process_group": process_group}
+                return dcp.async_save(dict(state), checkpoint_id=str(folder), **extra)  # type: ignore[return-value]
+            dcp.save(dict(state), checkpoint_id=str(folder), no_dist=single)
+        return None
+
+    return write
+
+
+@dataclass
+class _Pending:
+    """A checkpoint still being written in the background."""
+
+    step: int
+    future: Future[Any]
+    finisher: threading.Thread | None = None  # rank 0: waits, writes the manifest, renames
+    error: BaseException | None = None
+
+
+class Checkpointer:
+    """Saves every `interval` steps (synchronously or in the background), keeps the newest
+    `keep`, and finds a valid checkpoint to resume from."""
+
+    def __init__(
+        self, cfg: CheckpointConfig, run_dir: Path, info: dict[str, Any] | None = None
+    ) -> None:
         self.cfg = cfg
         self.folder = run_dir / "checkpoints"
+        self.info = info or {}  # recorded in each manifest: layout, config
+        self._pending: _Pending | None = None
+        # Background saves run their collectives on a group of their own (gloo, which also
+        # carries CPU tensors), so that they never interleave with training's collectives.
+        self.group = dist.new_group(backend="gloo") if cfg.async_save and _distributed() else None
 
     def due(self, step: int, last_step: int) -> bool:
         """Whether to save after `step`: on the interval and always at the end."""
         return step == last_step or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
 
-    def save(self, step: int, state: Mapping[str, Any]) -> Path:
-        """Write `state` as the checkpoint of `step`; every rank calls this together."""
+    def save(self, step: int, state: Mapping[str, Any] | Writer, background: bool = False) -> Path:
+        """Write the checkpoint of `step`: `state` (saved with DCP) or what a `Writer` writes.
+        Every rank calls this together. In the background the call returns once the state is
+        staged; the folder appears when the files are on disk (`wait()` to be sure)."""
+        self.wait()
         final, tmp = step_dir(self.folder, step), self.folder / f"step-{step:08d}.tmp"
         if _rank() == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
         _barrier()
-        with _dcp_call() as single:
-            dcp.save(dict(state), checkpoint_id=str(tmp), no_dist=single)
+        write = state if callable(state) else dcp_writer(state, self.group)
+        try:
+            future = write(tmp, background)
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+            self._discard(tmp)
+            raise CheckpointError(
+                f"saving step {step} to {tmp} failed ({type(err).__name__}: {err}); the previous "
+                f"checkpoints in {self.folder} are intact"
+            ) from err
+        if future is not None:
+            pending = _Pending(step, future)
+            if _rank() == 0:
+                pending.finisher = threading.Thread(
+                    target=self._finish_in_background, args=(pending, tmp, final), daemon=True
+                )
+                pending.finisher.start()
+            self._pending = pending
+            return final
         _barrier()
+        digests = manifest.hash_files(tmp, manifest.data_files(tmp) if _rank() == 0 else [])
         if _rank() == 0:
-            if final.exists():  # the same step saved again (a resumed run): replace it whole
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune()
+            self._finish(step, tmp, final, digests)
         _barrier()
         return final
+
+    def _discard(self, tmp: Path) -> None:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _finish(self, step: int, tmp: Path, final: Path, digests: dict[str, str]) -> None:
+        """Rank 0: manifest last, then rename into place, then drop the oldest."""
+        manifest.write(tmp, digests, {"step": step, **self.info})
+        if final.exists():  # the same step saved again (a resumed run): replace it whole
+            shutil.rmtree(final)
+        tmp.rename(final)
+        self._prune()
+
+    def _finish_in_background(self, pending: _Pending, tmp: Path, final: Path) -> None:
+        try:
+            pending.future.result()
+            names = manifest.data_files(tmp)
+            self._finish(pending.step, tmp, final, manifest.hash_files(tmp, names, False))
+        except BaseException as err:  # reported by wait(), on the training thread
+            pending.error = err
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Block until a background save has finished; raise if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        error: BaseException | None = None
+        try:
+            pending.future.result()
+        except BaseException as err:
+            error = err
+        if pending.finisher is not None:
+            pending.finisher.join()
+            error = error or pending.error
+        if error is not None:
+            raise CheckpointError(
+                f"background save of step {pending.step} failed ({type(error).__name__}: "
+                f"{error}); the previous checkpoints in {self.folder} are intact"
+            ) from error
 
     def _prune(self) -> None:
         if self.cfg.keep <= 0:
@@ -180,21 +286,56 @@ class Checkpointer:
         for old in list_checkpoints(self.folder)[: -self.cfg.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def resume_path(self) -> Path | None:
-        """The checkpoint to resume from: the newest complete one (auto), none (never), or the
-        given path, which must then be a complete checkpoint."""
+    def resume_path(self, report: Callable[[str], None] = print) -> Path | None:
+        """The checkpoint to resume from: the newest intact one (auto), none (never), or the
+        given path, which must then be intact. A damaged checkpoint met on the way under auto is
+        reported and skipped; every rank calls this together (the checks are shared)."""
         if self.cfg.resume == "never":
             return None
-        if self.cfg.resume == "auto":
-            found = list_checkpoints(self.folder)
-            return found[-1] if found else None
-        path = Path(self.cfg.resume)
-        if not is_complete(path):
-            raise CheckpointError(
-                f"checkpoint.resume = {path}: not a complete checkpoint (expected a step-NNNNNNNN "
-                "folder holding .metadata); use 'auto', 'never' or a complete checkpoint folder"
+        if self.cfg.resume != "auto":
+            path = Path(self.cfg.resume)
+            found = self.problems(path)
+            if found:
+                raise CheckpointError(
+                    f"checkpoint.resume = {path} is not a valid checkpoint: {'; '.join(found[:5])}. "
+                    "Use 'auto', 'never' or an intact step-NNNNNNNN folder"
+                )
+            return path
+        return self.newest_valid(report)
+
+    def newest_valid(self, report: Callable[[str], None] = print) -> Path | None:
+        """The newest intact checkpoint; damaged newer ones are reported and passed over."""
+        for path in reversed(self._candidates()):
+            found = self.problems(path)
+            if not found:
+                return path
+            report(
+                f"checkpoint {path} is damaged and is skipped: {'; '.join(found[:5])}"
+                + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
             )
-        return path
+        return None
+
+    def _candidates(self) -> list[Path]:
+        """step-NNNNNNNN folders, oldest first, complete or not: a folder with no manifest is
+        one whose save never finished yet was renamed (impossible here, but a copy or a sync
+        tool can produce one) and must be reported, not silently resumed."""
+        if not self.folder.is_dir():
+            return []
+        found = [p for p in self.folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    def problems(self, path: Path) -> list[str]:
+        """What is wrong with checkpoint `path` ([] when intact)."""
+        if not path.is_dir():
+            return [f"{path}: no such folder"]
+        if _STEP_DIR.match(path.name) is None:
+            return [f"{path}: not a step-NNNNNNNN folder"]
+        return manifest.problems(path, self.cfg.verify)
+
+
+def _optional(key: str) -> bool:
+    # RNG states of ranks the saving run did not have, and keys older checkpoints lack.
+    return key.startswith("rng_rank") or key in ("skip_steps",)
 
 
 def load(path: Path, state: dict[str, Any]) -> None:
@@ -202,7 +343,7 @@ def load(path: Path, state: dict[str, Any]) -> None:
     states of ranks that did not exist when it was saved."""
     keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
     top = {k.split(".", 1)[0] for k in keys}
-    wanted = {k: v for k, v in state.items() if k in top or not k.startswith("rng_rank")}
+    wanted = {k: v for k, v in state.items() if k in top or not _optional(k)}
     missing = [k for k in wanted if k not in top]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {missing}; it holds {sorted(top)}")

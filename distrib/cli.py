@@ -57,8 +57,9 @@ def cmd_train(cfg: Config) -> None:
 
     # Everything that can be checked without a process group is checked first.
     check_dataset(cfg.data, cfg.model)
-    _check_layout(cfg, detect_launch().world_size)
-    runtime = init_runtime()
+    launch = detect_launch()
+    _check_layout(cfg, launch.world_size)
+    runtime = init_runtime(launch=launch)
     try:
         Trainer(cfg, runtime).train()
         # Every rank finishes its in-flight collectives before the group is torn down.

@@ -44,6 +44,9 @@ class ModelConfig:
         "auto", "attention backend; auto picks flash, then sdpa", ("auto", "flash", "sdpa", "eager")
     )
     init_std: float = _f(0.02, "standard deviation of the weight initialization")
+    init_from: str = _f(
+        "", "start from existing weights: 'hf:/path/to/folder' (a local Hugging Face Llama)"
+    )
 
 
 @dataclass
@@ -93,6 +96,16 @@ class TrainingConfig:
     compile: bool = _f(False, "torch.compile each transformer block")
     eval_every: int = _f(50, "evaluate on the validation split every N steps (0: never)")
     eval_steps: int = _f(4, "validation batches (of global_batch_size) per evaluation")
+    on_nonfinite: str = _f(
+        "skip",
+        "a NaN/Inf loss or grad norm on any rank: skip the update on all ranks, roll back to the "
+        "last checkpoint and skip the batch, or abort with a report",
+        ("skip", "rollback", "abort"),
+    )
+    spike_threshold: float = _f(
+        0.0, "treat a loss above this multiple of its running mean like a NaN (0: off)"
+    )
+    spike_window: int = _f(50, "steps in the running mean that spike_threshold compares against")
 
 
 @dataclass
@@ -120,13 +133,25 @@ class ParallelConfig:
         "none", "recompute activations in backward", ("none", "full", "selective")
     )
     engine: str = _f("native", "training engine", ("native", "deepspeed"))
+    zero_stage: int = _f(2, "deepspeed only: ZeRO stage 0 (DDP), 1, 2 or 3")
+    offload_optimizer: bool = _f(False, "deepspeed only: keep optimizer state on the CPU")
+    offload_params: bool = _f(False, "deepspeed only (ZeRO-3): keep parameters on the CPU")
+    deepspeed_config: str = _f(
+        "", "deepspeed only: a DeepSpeed JSON whose values override the translated config"
+    )
 
 
 @dataclass
 class CheckpointConfig:
     interval: int = _f(100, "save every N steps (0: only at the end)")
     keep: int = _f(3, "keep the newest N checkpoints (0: keep all)")
-    resume: str = _f("auto", "auto (newest complete checkpoint), never, or a checkpoint path")
+    resume: str = _f("auto", "auto (newest valid checkpoint), never, or a checkpoint path")
+    async_save: bool = _f(
+        False, "write checkpoints in the background while training goes on (key alias: async)"
+    )
+    verify: bool = _f(
+        True, "check sizes and checksums of the checkpoint to resume from before loading it"
+    )
 
 
 @dataclass
@@ -150,6 +175,13 @@ class MetricsConfig:
 class DebugConfig:
     straggler_rank: int = _f(-1, "make this rank sleep every step, to test straggler reports")
     straggler_sleep_s: float = _f(0.0, "seconds that rank sleeps per step")
+    nan_at_step: int = _f(
+        0, "make the loss NaN at this step, to test training.on_nonfinite (0: off)"
+    )
+    nan_rank: int = _f(-1, "the rank whose loss nan_at_step poisons (-1: every rank)")
+    record_samples: bool = _f(
+        False, "append each step's sample ids to <run_dir>/samples/rank<R>.jsonl (data audits)"
+    )
 
 
 @dataclass
@@ -197,7 +229,12 @@ def _coerce(key: str, value: Any, kind: type, from_text: bool) -> Any:
     return value
 
 
+# Keys whose natural name is a Python keyword.
+_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+
+
 def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
+    key = _ALIASES.get(key, key)
     section, _, name = key.partition(".")
     if section not in SECTIONS:
         raise ConfigError(
@@ -345,6 +382,16 @@ def validate(cfg: Config) -> None:
         "metrics.straggler_every must be >= 0 and metrics.straggler_threshold > 0",
     )
     _check(cfg.debug.straggler_sleep_s >= 0, "debug.straggler_sleep_s must be >= 0")
+    _check(cfg.debug.nan_at_step >= 0, "debug.nan_at_step must be >= 0 (0: off)")
+    _check(
+        t.spike_threshold == 0 or t.spike_threshold > 1,
+        f"training.spike_threshold must be 0 (off) or > 1, got {t.spike_threshold}",
+    )
+    _check(t.spike_window > 0, f"training.spike_window must be positive, got {t.spike_window}")
+    _check(
+        m.init_from == "" or m.init_from.startswith("hf:"),
+        f"model.init_from = '{m.init_from}': expected 'hf:/path/to/folder' or empty",
+    )
 
 
 def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: TrainingConfig) -> None:
@@ -358,10 +405,7 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
         list(degrees.values()).count(-1) <= 1,
         "at most one of parallel.dp_replicate, dp_shard, tp, pp may be -1 (inferred)",
     )
-    _check(
-        p.engine == "native",
-        f"parallel.engine = '{p.engine}' is not supported yet: use 'native'",
-    )
+    _validate_deepspeed(p)
     if p.tp > 1:
         for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
             value = getattr(m, key)
@@ -376,6 +420,45 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
         "(the shared weight would live on two stages or in two layouts); untie the embeddings",
     )
     _validate_pipeline(p, m, d, t)
+
+
+def _validate_deepspeed(p: ParallelConfig) -> None:
+    _check(
+        p.zero_stage in (0, 1, 2, 3),
+        f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}",
+    )
+    if p.engine != "deepspeed":
+        for key in ("offload_optimizer", "offload_params"):
+            _check(
+                not getattr(p, key),
+                f"parallel.{key} = true needs parallel.engine = 'deepspeed' "
+                "(the native engine does not offload)",
+            )
+        _check(
+            p.deepspeed_config == "",
+            "parallel.deepspeed_config is set but parallel.engine is 'native': "
+            "set parallel.engine = 'deepspeed' or remove the key",
+        )
+        return
+    others = {"tp": p.tp, "pp": p.pp, "dp_replicate": p.dp_replicate}
+    for key, value in others.items():
+        _check(
+            value == 1,
+            f"parallel.engine = 'deepspeed' shards data-parallel only: parallel.{key} must be 1 "
+            f"(got {value}); use the native engine for tensor, pipeline or hybrid layouts",
+        )
+    _check(
+        not p.offload_params or p.zero_stage == 3,
+        f"parallel.offload_params needs parallel.zero_stage = 3 (got {p.zero_stage})",
+    )
+    _check(
+        not p.offload_optimizer or p.zero_stage >= 1,
+        "parallel.offload_optimizer needs parallel.zero_stage >= 1 (stage 0 keeps no "
+        "partitioned optimizer state to offload)",
+    )
+    if p.deepspeed_config:
+        path = Path(p.deepspeed_config)
+        _check(path.is_file(), f"parallel.deepspeed_config: file not found: {path}")
 
 
 def _validate_pipeline(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: TrainingConfig) -> None:

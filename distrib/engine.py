@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from distrib import checkpoint as ckpt
 from distrib.checkpoint import ModelState, OptimizerState, SchedulerState
 from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
@@ -41,18 +44,50 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor
     timings: dict[str, float] | None = None  # seconds per phase, on steps asked to be timed
+    skipped: bool = False  # the update was not applied (`accept` refused it)
+    local_loss: torch.Tensor | None = None  # this rank's own mean loss, to name failing ranks
+
+
+# Decides, from the step's global loss and gradient norm (the same on every rank), whether the
+# update is applied; refusing drops the gradients on every rank alike.
+Accept = Callable[[torch.Tensor, torch.Tensor], bool]
 
 
 class Engine(Protocol):
+    """What the training loop needs from an engine; `NativeEngine` and `DeepSpeedEngine`."""
+
     model: nn.Module
 
-    def train_step(self, batches: list[Batch], timed: bool = False) -> StepResult: ...
+    def train_step(
+        self,
+        batches: list[Batch],
+        timed: bool = False,
+        accept: Accept | None = None,
+        poison: bool = False,
+    ) -> StepResult:
+        """Forward, backward (accumulating over `batches`), clip and update; `accept` may veto
+        the update; `poison` makes this rank's loss NaN (debug.nan_at_step)."""
+        ...
 
     def eval_loss(self, batches: list[Batch]) -> torch.Tensor: ...
 
     def lr(self) -> float: ...
 
-    def state(self) -> dict[str, Any]: ...
+    def save(
+        self,
+        folder: Path,
+        extra: dict[str, Any],
+        background: bool,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> Future[Any] | None:
+        """Write the engine's state and `extra` (loader, step, RNG) into `folder`; every rank
+        calls it. In the background it returns a future that completes once written, using
+        `process_group` for its collectives."""
+        ...
+
+    def load(self, folder: Path, extra: dict[str, Any]) -> None:
+        """Restore the engine's state and `extra` in place from `folder`."""
+        ...
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -112,20 +147,24 @@ class NativeEngine:
             logits_BLV = self.model(inputs, doc_ids)
         return causal_lm_loss(logits_BLV, labels)
 
-    def _micro_step(self, batch: Batch, scale: float) -> torch.Tensor | None:
+    def _micro_step(self, batch: Batch, scale: float, poison: bool) -> torch.Tensor | None:
         """Forward and backward of one micro-batch; its mean loss where this rank has it."""
+        if poison:  # a NaN factor poisons both the loss and every gradient it reaches
+            scale = scale * float("nan")
         if self.pipeline is not None:
             p = self.pipeline
             inputs = batch.inputs.to(self.device) if p.has_first else None
             labels = batch.labels.to(self.device) if p.has_last else None
             with self._autocast():
-                return p.step(inputs, labels, loss_scale=scale)
+                loss = p.step(inputs, labels, loss_scale=scale)
+            return loss * float("nan") if poison and loss is not None else loss
         with self.loss_context():
             # Every micro-batch holds the same number of tokens, so scaling each backward by
             # 1/n accumulates the gradient of the step's mean loss.
             loss = self._forward_loss(batch)
             (loss * scale).backward()
-        return _plain(loss.detach())
+        loss = _plain(loss.detach())
+        return loss * float("nan") if poison else loss
 
     def _now(self, timed: bool) -> float:
         # A timed step waits for the device at each phase boundary so the split is real on GPUs;
@@ -134,9 +173,16 @@ class NativeEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def train_step(self, batches: list[Batch], timed: bool = False) -> StepResult:
+    def train_step(
+        self,
+        batches: list[Batch],
+        timed: bool = False,
+        accept: Accept | None = None,
+        poison: bool = False,
+    ) -> StepResult:
         """Accumulate gradients over `batches`, clip, update and advance the LR schedule;
-        `timed` measures forward+backward and optimizer time."""
+        `timed` measures forward+backward and optimizer time. When `accept` refuses the step's
+        loss and gradient norm, the gradients are dropped and the schedule still advances."""
         for part in self.parts:
             part.train()
         start = self._now(timed)
@@ -144,13 +190,17 @@ class NativeEngine:
         for i, batch in enumerate(batches):
             # Reduce gradients across data-parallel ranks once, after the last micro-batch.
             set_gradient_sync(self.parts, i == len(batches) - 1)
-            loss = self._micro_step(batch, 1.0 / len(batches))
+            loss = self._micro_step(batch, 1.0 / len(batches), poison)
             if loss is not None:
                 total += loss.float()
         computed = self._now(timed)
         grad_norm = self._clip_grad_norm()
+        local = total / len(batches)
+        mean = self._mean_over_loss_ranks(local)
+        apply = accept is None or accept(mean, grad_norm)
         for opt, scheduler in zip(self.optimizers, self.schedulers, strict=True):
-            opt.step()
+            if apply:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             scheduler.step()
         updated = self._now(timed)
@@ -160,8 +210,9 @@ class NativeEngine:
                 "time_forward_backward_s": computed - start,
                 "time_optimizer_s": updated - computed,
             }
-        loss = self._mean_over_loss_ranks(total / len(batches))
-        return StepResult(loss=loss, grad_norm=grad_norm, timings=timings)
+        return StepResult(
+            loss=mean, grad_norm=grad_norm, timings=timings, skipped=not apply, local_loss=local
+        )
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """The norm of all gradients of the whole model, wherever its pieces live, then clip."""
@@ -218,3 +269,18 @@ class NativeEngine:
             "optimizer": OptimizerState(self.parts, self.optimizers),
             "scheduler": SchedulerState(self.schedulers),
         }
+
+    def save(
+        self,
+        folder: Path,
+        extra: dict[str, Any],
+        background: bool,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> Future[Any] | None:
+        """DCP: each rank writes its own shards; any layout can load them back."""
+        return ckpt.dcp_writer({**self.state(), **extra}, process_group)(folder, background)
+
+    def load(self, folder: Path, extra: dict[str, Any]) -> None:
+        state = {**self.state(), **extra}
+        ckpt.load(folder, state)
+        extra.update({k: state[k] for k in extra})

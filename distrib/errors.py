@@ -15,3 +15,8 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm became NaN, Inf or spiked and `training.on_nonfinite` is abort
+    (or rolling back could not help): the message names the step and the ranks."""

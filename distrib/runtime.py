@@ -1,8 +1,8 @@
 """Who this process is (rank, world, local rank), which device and backend it uses, and the
 process group's life cycle.
 
-Launchers are read through one seam, `detect_launch()`: torchrun today; Slurm (`SLURM_PROCID`...)
-and MPI (`OMPI_COMM_WORLD_RANK`, `PMI_RANK`...) plug in there without touching callers.
+Launchers are read through one seam, `detect_launch()`: torchrun, `srun` tasks and mpirun
+(`distrib.launchers`).
 """
 
 from __future__ import annotations
@@ -17,39 +17,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class LaunchInfo:
-    """Rank layout of this process as the launcher describes it."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    launcher: str  # "torchrun" or "none"; Slurm and MPI join here
-
-    @property
-    def distributed(self) -> bool:
-        return self.launcher != "none"
-
-
-def _int_env(env: Mapping[str, str], key: str) -> int:
-    try:
-        return int(env[key])
-    except ValueError:
-        raise RuntimeError(f"environment variable {key}={env[key]!r} is not an integer") from None
+from distrib.launchers import LaunchInfo, int_env, mpi, slurm
 
 
 def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
-    """Read the launcher's environment; no launcher means one process and no process group."""
+    """Read the launcher's environment: torchrun (or accelerate), then an `srun` task, then
+    mpirun; none of them means one process and no process group."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        # torchrun (and accelerate, which sets the same variables).
+        # torchrun and accelerate export these, also when they run inside srun or mpirun.
         return LaunchInfo(
-            rank=_int_env(env, "RANK"),
-            world_size=_int_env(env, "WORLD_SIZE"),
-            local_rank=_int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            rank=int_env(env, "RANK"),
+            world_size=int_env(env, "WORLD_SIZE"),
+            local_rank=int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
             launcher="torchrun",
         )
+    for detect in (slurm.detect, mpi.detect):
+        found = detect(env)
+        if found is not None:
+            return found
     return LaunchInfo(rank=0, world_size=1, local_rank=0, launcher="none")
 
 
@@ -88,20 +74,45 @@ class Runtime:
             dist.barrier()
 
 
-def init_runtime(timeout_s: float = 1800.0) -> Runtime:
-    """Detect the launch, pick the device and, when launched as several processes, start the
-    process group (nccl on GPUs, gloo on CPUs). One process needs no process group."""
-    launch = detect_launch()
+def _restart_safe_store(env: Mapping[str, str], timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart attempt.
+
+    The agent keeps one store across restarts of the worker group, and gloo's full-mesh
+    connect reads peer addresses from it: without a fresh prefix a restarted rank can find the
+    dead group's addresses and hang in init_process_group (seen with torch 2.13 on CPU).
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"distrib/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def init_runtime(timeout_s: float = 1800.0, launch: LaunchInfo | None = None) -> Runtime:
+    """Detect the launch (unless given), pick the device and, when launched as several
+    processes, start the process group (nccl on GPUs, gloo on CPUs). One process needs no
+    process group."""
+    launch = detect_launch() if launch is None else launch
     device = pick_device(launch.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launch.distributed and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_safe_store(os.environ, timeout)
+        if store is not None:
+            init = {"store": store}
+        elif launch.master_addr is not None:
+            init = {"init_method": f"tcp://{launch.master_addr}:{launch.master_port}"}
+        else:
+            init = {"init_method": "env://"}
         dist.init_process_group(
             backend=backend_for(device),
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
+            **init,  # type: ignore[arg-type]
         )
     return Runtime(launch=launch, device=device)
 

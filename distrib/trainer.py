@@ -6,7 +6,9 @@ import functools
 import json
 import math
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,11 @@ from torch import nn
 
 from distrib import checkpoint as ckpt
 from distrib.config import Config, DataConfig, ModelConfig, to_dict
-from distrib.data.loader import TokenLoader, build_loaders
+from distrib.data.loader import Batch, TokenLoader, build_loaders
 from distrib.data.shards import TokenShards
 from distrib.engine import Engine, NativeEngine, StepResult
-from distrib.errors import ConfigError
+from distrib.errors import ConfigError, TrainingDiverged
+from distrib.guard import LossGuard, failing_ranks
 from distrib.metrics import (
     MetricsLogger,
     StepTimes,
@@ -29,6 +32,7 @@ from distrib.metrics import (
 )
 from distrib.models.llama import Transformer, num_params
 from distrib.runtime import Runtime, rng_state, seed_everything, set_rng_state
+from distrib.signals import StopRequest
 from distrib.stragglers import StragglerMonitor
 
 
@@ -61,6 +65,10 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
 
     Returns the engine and this rank's (data-parallel rank, data-parallel size).
     """
+    if cfg.parallel.engine == "deepspeed":
+        from distrib.deepspeed_engine import build_deepspeed_engine
+
+        return build_deepspeed_engine(cfg, runtime)
     from distrib.parallel.dims import ParallelDims, dp_coordinate
     from distrib.parallel.init import materialize
     from distrib.parallel.parallelize import parallelize, uses_fsdp
@@ -94,6 +102,10 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
         apply(model)
         materialize(model, runtime.device, seed)
         parts = [model]
+    if cfg.model.init_from:
+        from distrib.models.hf import load_hf_weights
+
+        load_hf_weights(parts, cfg.model.init_from.removeprefix("hf:"), cfg.model)
     engine = NativeEngine(
         parts,
         cfg.training,
@@ -112,6 +124,15 @@ def build_data(cfg: Config, dp_rank: int, dp_size: int) -> tuple[TokenLoader, To
     return build_loaders(cfg.data, cfg.training, dp_rank, dp_size)
 
 
+# More rollbacks than this in one run means the divergence is not one bad batch.
+MAX_ROLLBACKS = 5
+
+
+def _refuse(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """The `accept` of a step whose batch is passed over: compute it, apply nothing."""
+    return False
+
+
 class Trainer:
     """Holds the built pieces of one run and trains it; `train()` is the whole loop."""
 
@@ -123,31 +144,56 @@ class Trainer:
         seed_everything(cfg.training.seed)
         self.engine, self.dp_rank, self.dp_size = build_engine(cfg, runtime)
         self.train_loader, self.val_loader = build_data(cfg, self.dp_rank, self.dp_size)
-        self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir)
+        info = {
+            "engine": cfg.parallel.engine,
+            "world_size": runtime.world_size,
+            "layout": to_dict(cfg)["parallel"],
+            "config": to_dict(cfg),
+        }
+        self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir, info)
         self.step = 0
+        # Steps whose batch is passed over after a rollback (training.on_nonfinite = rollback).
+        self.skip_steps: list[int] = []
+        self.rollbacks = 0
+        self.guard = LossGuard(cfg.training.spike_threshold, cfg.training.spike_window)
+        self.stop = StopRequest()
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         self._shown: tuple[float, float, float | None] = (math.nan, cfg.training.lr, None)
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue exactly where this one stands."""
+    def extra_state(self) -> dict[str, Any]:
+        """What a resumed run needs beside the engine's state to continue exactly."""
         return {
-            **self.engine.state(),
             "train_loader": self.train_loader,
             "step": self.step,
+            "skip_steps": list(self.skip_steps),
             ckpt.rng_key(self.runtime.rank): rng_state(),
         }
 
-    def resume(self) -> Path | None:
-        """Load the checkpoint `checkpoint.resume` points at, if any."""
-        path = self.checkpointer.resume_path()
-        if path is None:
-            return None
-        state = self.checkpoint_state()
-        ckpt.load(path, state)
-        self.step = int(state["step"])
+    def save_checkpoint(self, background: bool) -> Path:
+        """Every rank together: the engine's state and `extra_state()` at the current step."""
+        extra = self.extra_state()
+
+        def write(folder: Path, bg: bool) -> Any:
+            return self.engine.save(folder, extra, bg, process_group=self.checkpointer.group)
+
+        return self.checkpointer.save(self.step, write, background)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore engine, loader, step, skipped steps and this rank's RNG from `path`."""
+        extra = self.extra_state()
+        self.engine.load(path, extra)
+        self.step = int(extra["step"])
+        self.skip_steps = [int(s) for s in extra["skip_steps"]]
         key = ckpt.rng_key(self.runtime.rank)
-        if isinstance(state.get(key), dict):
-            set_rng_state(state[key])
+        if isinstance(extra.get(key), dict):
+            set_rng_state(extra[key])
+
+    def resume(self, report: Callable[[str], None]) -> Path | None:
+        """Load the checkpoint `checkpoint.resume` points at, if any; damaged ones are reported
+        and passed over (auto) or refused (an explicit path)."""
+        path = self.checkpointer.resume_path(report=report)
+        if path is not None:
+            self.load_checkpoint(path)
         return path
 
     def _prepare_run_dir(self, log: MetricsLogger) -> None:
@@ -175,13 +221,17 @@ class Trainer:
         return float(torch.stack(losses).mean())
 
     def train(self) -> dict[str, Any]:
-        """Run from the current step to `training.steps`; returns the last logged record."""
+        """Run from the current step to `training.steps` (or a stop signal); returns the last
+        logged record."""
         t, m = self.cfg.training, self.cfg.metrics
-        resumed = self.resume()
+        notes: list[str] = []
+        resumed = self.resume(notes.append)
         log = MetricsLogger(
             m, self.run_dir, self.runtime.is_main, t.steps, self.step, to_dict(self.cfg)
         )
         self._prepare_run_dir(log)
+        for note in notes:
+            log.write(note)
         if resumed is not None:
             log.write(f"resumed from {resumed} at step {self.step}")
         peak = peak_tflops(self.runtime.device, t.dtype, m.peak_tflops)
@@ -195,29 +245,111 @@ class Trainer:
         times = StepTimes()
         record: dict[str, Any] = {}
         start = time.perf_counter()
+        if threading.current_thread() is threading.main_thread():
+            self.stop.install()
         try:
             last = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
             while self.step < last:
                 step_start = time.perf_counter()
                 batches = self.train_loader.next_step()
+                self._record_samples(batches)
                 self._debug_sleep()
                 ready_at = time.time()  # wall clock: compared across ranks (see stragglers.py)
                 times.add("time_data_s", time.perf_counter() - step_start)
-                result = self.engine.train_step(batches, timed=self._logs(self.step + 1))
+                passed_over = self.step + 1 in self.skip_steps
+                result = self.engine.train_step(
+                    batches,
+                    timed=self._logs(self.step + 1),
+                    accept=_refuse if passed_over else self.guard,
+                    poison=self._poisoned(self.step + 1),
+                )
                 lr = self.engine.lr()  # the rate this step used; the scheduler has moved on
                 self.step += 1
+                if passed_over:
+                    log.write(f"step {self.step}: batch passed over (rolled back from it before)")
+                elif result.skipped and self._refused(result, log):
+                    continue  # rolled back: self.step is the checkpoint's step again
                 meter.add(self.tokens_per_step)
                 monitor.record(ready_at, time.perf_counter() - step_start)
                 lagging = monitor.check() if monitor.due(self.step) else None
                 record = self._after_step(result, lr, meter, log, start, times, lagging)
+                if self.stop.agreed(self.runtime.device):
+                    self._stop_for_signal(log)
+                    break
+            self.checkpointer.wait()
         finally:
+            self.stop.uninstall()
             log.close()
         return record
+
+    def _poisoned(self, step: int) -> bool:
+        d = self.cfg.debug
+        return d.nan_at_step == step and d.nan_rank in (-1, self.runtime.rank)
+
+    def _refused(self, result: StepResult, log: MetricsLogger) -> bool:
+        """React to an update the guard refused, as `training.on_nonfinite` says; True when
+        the run rolled back to a checkpoint."""
+        event = self.guard.event
+        ranks = failing_ranks(result.local_loss)
+        what = event.describe() if event else "refused update"
+        where = f"on ranks {ranks}" if ranks else "in the global gradient norm"
+        mode = self.cfg.training.on_nonfinite
+        if mode == "abort":
+            raise TrainingDiverged(
+                f"step {self.step}: {what} {where}; training.on_nonfinite = abort. The update was "
+                f"not applied; checkpoints in {self.checkpointer.folder} are from before it"
+            )
+        if mode == "skip":
+            log.write(f"step {self.step}: {what} {where}: update skipped on every rank")
+            return False
+        self.rollbacks += 1
+        if self.rollbacks > MAX_ROLLBACKS:
+            raise TrainingDiverged(
+                f"step {self.step}: {what} {where} after {MAX_ROLLBACKS} rollbacks; giving up"
+            )
+        self.checkpointer.wait()
+        path = self.checkpointer.newest_valid(report=log.write)
+        if path is None:
+            raise TrainingDiverged(
+                f"step {self.step}: {what} {where}; training.on_nonfinite = rollback but "
+                f"{self.checkpointer.folder} holds no checkpoint to roll back to"
+            )
+        bad = self.step
+        self.load_checkpoint(path)
+        self.skip_steps = sorted({*self.skip_steps, bad})
+        log.write(
+            f"step {bad}: {what} {where}: rolled back to {path} (step {self.step}); "
+            f"the batch of step {bad} will be passed over"
+        )
+        return True
+
+    def _stop_for_signal(self, log: MetricsLogger) -> None:
+        """A stop signal reached some rank: make sure this step is checkpointed, then stop."""
+        self.checkpointer.wait()
+        path = ckpt.step_dir(self.checkpointer.folder, self.step)
+        if not ckpt.is_complete(path):
+            path = self.save_checkpoint(background=False)
+        log.write(
+            f"step {self.step}: {self.stop.name()} received: checkpoint {path} written; stopping "
+            "(a restarted run resumes from it)"
+        )
 
     def _logs(self, step: int) -> bool:
         t = self.cfg.training
         evaluates = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
         return step % self.cfg.metrics.log_every == 0 or evaluates or step == t.steps
+
+    def _record_samples(self, batches: list[Batch]) -> None:
+        """With debug.record_samples, log which sequences this rank trains on at this step, so
+        that a test can prove every sample is consumed exactly once across resumes."""
+        if not self.cfg.debug.record_samples:
+            return
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        ids = [int(i) for b in batches if b.sample_ids is not None for i in b.sample_ids]
+        line = json.dumps({"step": self.step + 1, "samples": ids})
+        with (folder / f"rank{self.runtime.rank}.jsonl").open("a") as f:
+            f.write(line + "\n")
 
     def _debug_sleep(self) -> None:
         d = self.cfg.debug
@@ -238,7 +370,7 @@ class Trainer:
         step, last = self.step, self.step == t.steps
         record: dict[str, Any] = {}
         eval_now = t.eval_every > 0 and (step % t.eval_every == 0 or last)
-        if self._logs(step) or lagging:
+        if self._logs(step) or lagging or result.skipped:
             # .item() waits for the device, so only logged steps pay for it.
             figures = meter.read()
             record = {
@@ -246,6 +378,7 @@ class Trainer:
                 "loss": float(result.loss),
                 "lr": lr,
                 "grad_norm": float(result.grad_norm),
+                **({"skipped": True} if result.skipped else {}),
                 "tokens": step * self.tokens_per_step,
                 **figures,
                 "tokens_per_s_per_device": figures["tokens_per_s"] / self.runtime.world_size,
@@ -272,8 +405,9 @@ class Trainer:
         log.progress(step, *self._shown)
         if self.checkpointer.due(step, t.steps) or step == t.stop_at_step:
             saving = time.perf_counter()
+            background = self.cfg.checkpoint.async_save and step not in (t.steps, t.stop_at_step)
             with meter.paused():
-                path = self.checkpointer.save(step, self.checkpoint_state())
+                path = self.save_checkpoint(background)
             times.add("time_checkpoint_s", time.perf_counter() - saving)
-            log.write(f"step {step}: saved {path}")
+            log.write(f"step {step}: {'saving' if background else 'saved'} {path}")
         return record

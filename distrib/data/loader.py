@@ -28,6 +28,7 @@ class Batch:
     inputs: torch.Tensor  # int64 [B, L]
     labels: torch.Tensor  # int64 [B, L]: inputs shifted left by one
     doc_ids: torch.Tensor | None = None  # int64 [B, L]: document index of each input token
+    sample_ids: torch.Tensor | None = None  # int64 [B]: position of each sequence in the split
 
 
 def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -127,10 +128,13 @@ class TokenLoader:
         if self.batch_index == self.steps_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
         batches = []
-        for chunk in tokens.split(self.micro_batch_size):
+        ids_B = torch.from_numpy(samples.astype(np.int64))
+        for chunk, sample_ids in zip(
+            tokens.split(self.micro_batch_size), ids_B.split(self.micro_batch_size), strict=True
+        ):
             inputs, labels = chunk[:, :-1], chunk[:, 1:]
             ids = document_ids(inputs, self.shards.eos_id) if self.document_ids else None
-            batches.append(Batch(inputs, labels, ids))
+            batches.append(Batch(inputs, labels, ids, sample_ids))
         return batches
 
     def reset(self) -> None:

@@ -102,7 +102,7 @@ def test_resume_modes(tmp_path: Path) -> None:
     explicit = ckpt.Checkpointer(CheckpointConfig(resume=str(path)), tmp_path / "other")
     assert explicit.resume_path() == path
     bad = ckpt.Checkpointer(CheckpointConfig(resume=str(tmp_path / "nope")), tmp_path)
-    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a valid checkpoint"):
         bad.resume_path()
 
 

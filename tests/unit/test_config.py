@@ -87,7 +87,16 @@ def test_parse_overrides_forms() -> None:
         (["--training.warmup_steps=-1"], "warmup_steps must be >= 0"),
         (["--data.val_fraction=1.5"], "val_fraction"),
         (["--model.dim=0"], "model.dim must be positive"),
-        (["--parallel.engine=deepspeed"], "not supported yet"),
+        (["--parallel.engine=deepspeed", "--parallel.tp=2"], "parallel.tp must be 1"),
+        (["--parallel.offload_optimizer=true"], "needs parallel.engine = 'deepspeed'"),
+        (
+            ["--parallel.engine=deepspeed", "--parallel.offload_params=true"],
+            "offload_params needs parallel.zero_stage = 3",
+        ),
+        (["--parallel.zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
+        (["--training.on_nonfinite=ignore"], "valid: skip, rollback, abort"),
+        (["--training.spike_threshold=0.5"], "spike_threshold must be 0"),
+        (["--model.init_from=/some/folder"], "expected 'hf:/path/to/folder'"),
         (["--parallel.engine=megatron"], "valid: native, deepspeed"),
         (["--checkpoint.keep=-1"], "checkpoint.keep"),
     ],
@@ -137,3 +146,10 @@ def test_cli_exits_2_on_config_errors(
     err = capsys.readouterr().err
     assert "unknown key 'model.n_headz': did you mean 'model.n_heads'" in err
     assert "Traceback" not in err
+
+
+def test_checkpoint_async_alias(tmp_path: Path) -> None:
+    assert load_config(None, ["--checkpoint.async=true"]).checkpoint.async_save
+    toml = tmp_path / "c.toml"
+    toml.write_text("[checkpoint]\nasync = true\n")
+    assert load_config(toml).checkpoint.async_save
