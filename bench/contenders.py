@@ -29,6 +29,7 @@ from bench.common import stamp, sync  # noqa: E402
 from distrib.config import Config  # noqa: E402
 from distrib.data.shards import MANIFEST_FILE  # noqa: E402
 from distrib.models.attention import resolve_backend  # noqa: E402
+from distrib.models.hf import hf_config  # noqa: E402
 from distrib.runtime import Runtime  # noqa: E402
 from distrib.trainer import Trainer, build_model  # noqa: E402
 
@@ -291,22 +292,7 @@ def build_hf_model(s: Setup) -> torch.nn.Module:
     """LlamaForCausalLM with distrib's shapes, holding the same initial weights."""
     import transformers
 
-    m = s.cfg.model
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.dim,
-        intermediate_size=m.ffn_dim,
-        num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads,
-        num_key_value_heads=m.n_kv_heads,
-        max_position_embeddings=m.max_seq_len,
-        rope_theta=m.rope_theta,
-        rms_norm_eps=m.norm_eps,
-        tie_word_embeddings=m.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attn_implementation="sdpa",
-    )
+    hf_cfg = hf_config(s.cfg.model, attn_implementation="sdpa")
     with torch.device(s.device):
         hf = transformers.LlamaForCausalLM(hf_cfg)
     state = to_hf_state(build_transformer(s))

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -161,7 +162,11 @@ _ASYNC_NO_DIST = "no_dist" in inspect.signature(dcp.async_save).parameters
 Writer = Callable[[Path, bool], "Future[Any] | None"]
 
 
-def dcp_writer(state: Mapping[str, Any], process_group: dist.ProcessGroup | None = None) -> Writer:
+def dcp_writer(
+    state: Mapping[str, Any],
+    process_group: dist.ProcessGroup | None = None,
+    stager: AsyncStager | None = None,
+) -> Writer:
     """A `Writer` that saves `state` with DCP; in the background through `dcp.async_save`, whose
     collectives run on `process_group` so they never interleave with training's."""
 
@@ -169,11 +174,27 @@ def dcp_writer(state: Mapping[str, Any], process_group: dist.ProcessGroup | None
         with _dcp_call() as single:
             if background and (not single or _ASYNC_NO_DIST):
                 extra = {"no_dist": True} if single else {"process_group": process_group}
+                if stager is not None:
+                    extra["async_stager"] = stager
                 return dcp.async_save(dict(state), checkpoint_id=str(folder), **extra)  # type: ignore[return-value]
             dcp.save(dict(state), checkpoint_id=str(folder), no_dist=single)
         return None
 
     return write
+
+
+def _caching_stager() -> AsyncStager:
+    """DCP's stager, kept for the run: it copies the state into CPU buffers it reuses from one
+    save to the next (pinned on GPU machines), in the training thread, so training may change
+    the tensors as soon as `save` returns."""
+    cuda = torch.cuda.is_available()
+    options = StagingOptions(
+        use_pinned_memory=cuda,
+        use_shared_memory=False,
+        use_async_staging=False,
+        use_non_blocking_copy=cuda,
+    )
+    return DefaultStager(options)
 
 
 @dataclass
@@ -200,6 +221,9 @@ class Checkpointer:
         # Background saves run their collectives on a group of their own (gloo, which also
         # carries CPU tensors), so that they never interleave with training's collectives.
         self.group = dist.new_group(backend="gloo") if cfg.async_save and _distributed() else None
+        # Background saves copy the state into CPU buffers kept from one save to the next:
+        # allocating (and page-faulting) fresh ones each time doubled the training stall.
+        self.stager = _caching_stager() if cfg.async_save else None
 
     def due(self, step: int, last_step: int) -> bool:
         """Whether to save after `step`: on the interval and always at the end."""
@@ -215,7 +239,7 @@ class Checkpointer:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
         _barrier()
-        write = state if callable(state) else dcp_writer(state, self.group)
+        write = state if callable(state) else dcp_writer(state, self.group, self.stager)
         try:
             future = write(tmp, background)
         except (Exception, CheckpointException) as err:  # DCP's is a BaseException

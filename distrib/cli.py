@@ -1,4 +1,4 @@
-"""`distrib train | prepare | generate | report`: parse, call, tear down. No logic lives here."""
+"""`distrib train | prepare | generate | export | report`: parse, call, tear down. No logic here."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest (0: all)")
     gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     gen.add_argument("--seed", type=int, default=0)
+    exp = sub.add_parser(
+        "export", help="write a run's checkpoint as a Hugging Face folder (transformers loads it)"
+    )
+    exp.add_argument("--run_dir", type=Path, required=True, help="the run folder (job.run_dir)")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    exp.add_argument("--format", default="hf", help="hf: safetensors + config + tokenizer")
+    exp.add_argument(
+        "--max_shard_size", default="5GB", help="split the weights into files of at most this"
+    )
+    exp.add_argument("out", type=Path, metavar="OUT", help="new (or empty) output folder")
     rep = sub.add_parser(
         "report", help="charts (PNG) and a summary table (Markdown) of one or more runs"
     )
@@ -96,6 +106,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(text)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from distrib.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.format, args.step, args.max_shard_size)
+    print(f"wrote {out}")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from distrib.report import write_report
 
@@ -110,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.command in ("generate", "report"):
+        if args.command in ("generate", "export", "report"):
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             if args.command == "generate":
                 cmd_generate(args)
+            elif args.command == "export":
+                cmd_export(args)
             else:
                 cmd_report(args)
             return 0

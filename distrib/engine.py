@@ -79,10 +79,11 @@ class Engine(Protocol):
         extra: dict[str, Any],
         background: bool,
         process_group: dist.ProcessGroup | None = None,
+        stager: Any = None,
     ) -> Future[Any] | None:
         """Write the engine's state and `extra` (loader, step, RNG) into `folder`; every rank
         calls it. In the background it returns a future that completes once written, using
-        `process_group` for its collectives."""
+        `process_group` for its collectives and `stager` (DCP's) for the copy it writes from."""
         ...
 
     def load(self, folder: Path, extra: dict[str, Any]) -> None:
@@ -276,9 +277,11 @@ class NativeEngine:
         extra: dict[str, Any],
         background: bool,
         process_group: dist.ProcessGroup | None = None,
+        stager: Any = None,
     ) -> Future[Any] | None:
         """DCP: each rank writes its own shards; any layout can load them back."""
-        return ckpt.dcp_writer({**self.state(), **extra}, process_group)(folder, background)
+        write = ckpt.dcp_writer({**self.state(), **extra}, process_group, stager)
+        return write(folder, background)
 
     def load(self, folder: Path, extra: dict[str, Any]) -> None:
         state = {**self.state(), **extra}

@@ -20,3 +20,7 @@ class CheckpointError(UserError):
 class TrainingDiverged(UserError):
     """The loss or gradient norm became NaN, Inf or spiked and `training.on_nonfinite` is abort
     (or rolling back could not help): the message names the step and the ranks."""
+
+
+class ExportError(UserError):
+    """An export cannot start: unknown format, or an output folder that is not empty."""

@@ -174,7 +174,8 @@ class Trainer:
         extra = self.extra_state()
 
         def write(folder: Path, bg: bool) -> Any:
-            return self.engine.save(folder, extra, bg, process_group=self.checkpointer.group)
+            c = self.checkpointer
+            return self.engine.save(folder, extra, bg, process_group=c.group, stager=c.stager)
 
         return self.checkpointer.save(self.step, write, background)
 

@@ -7,10 +7,13 @@ from the same numbers, which is what makes their losses comparable step for step
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from distrib.errors import CheckpointError
 from distrib.models.llama import Transformer
 
 # Wrappers that insert a path segment into parameter names (activation checkpointing,
@@ -43,3 +46,32 @@ def materialize(model: Transformer, device: torch.device, seed: int) -> None:
 def model_parts_params(parts: list[nn.Module]) -> list[nn.Parameter]:
     """All trainable parameters of the model parts this rank holds (pipeline stages or one)."""
     return [p for part in parts for p in part.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def load_full_tensors(parts: list[nn.Module], tensor_of: Callable[[str], Tensor]) -> None:
+    """Copy `tensor_of(name)` (a full tensor, by the bare model's parameter name) into every
+    parameter of `parts`, each rank keeping its own slice of sharded (DTensor) parameters.
+
+    Every rank reads the same full tensor, so `src_data_rank=None` cuts the local slice without
+    a scatter, as `materialize` does for initial values. Parameters stay the same objects, so an
+    optimizer built afterwards sees the loaded values. A tied weight appears once.
+    """
+    for part in parts:
+        for name, param in part.named_parameters():
+            key = clean_name(name)  # activation checkpointing / compile insert path segments
+            try:
+                full = tensor_of(key)
+            except KeyError:
+                raise CheckpointError(f"no tensor for parameter {key}") from None
+            if tuple(full.shape) != tuple(param.shape):  # a DTensor's shape is the full shape
+                raise CheckpointError(
+                    f"tensor for {key} has shape {list(full.shape)}, the model needs "
+                    f"{list(param.shape)}"
+                )
+            full = full.to(device=param.device, dtype=param.dtype)
+            if isinstance(param, DTensor):
+                full = distribute_tensor(
+                    full, param.device_mesh, param.placements, src_data_rank=None
+                )
+            param.copy_(full)

@@ -18,6 +18,7 @@ import torch
 import distrib.models.attention as attn_mod
 from distrib.config import ModelConfig
 from distrib.models.attention import attention, doc_cu_seqlens, resolve_backend
+from distrib.models.hf import hf_config
 from distrib.models.llama import Transformer, num_params, rope_cache
 
 REPO = Path(__file__).resolve().parents[2]
@@ -284,21 +285,7 @@ def copy_from_hf(model: Transformer, hf: torch.nn.Module) -> None:
 def test_matches_hf_llama(tied: bool) -> None:
     transformers = pytest.importorskip("transformers")
     cfg = tiny_cfg(tie_embeddings=tied, rope_theta=500.0, norm_eps=1e-6, attention="eager")
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=tied,
-        attention_bias=False,
-        mlp_bias=False,
-        attn_implementation="eager",
-    )
+    hf_cfg = hf_config(cfg, attn_implementation="eager")
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     # HF's default init leaves norms at one; randomize them so a norm mix-up would show.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from distrib.launchers.slurm import job_port
 from distrib.runtime import (
     backend_for,
     detect_launch,
@@ -58,3 +59,56 @@ def test_rng_state_round_trip() -> None:
     set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(2))
     assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_srun_task_without_torchrun() -> None:
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "12345",
+        "MASTER_ADDR": "10.0.0.7",
+    }
+    info = detect_launch(env)
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (3, 4, 1, "slurm")
+    # The port is derived from the job id so that two jobs on one node never collide.
+    assert (info.master_addr, info.master_port) == ("10.0.0.7", job_port(12345))
+    assert job_port(12345) != job_port(12346)
+
+
+def test_torchrun_inside_srun_wins() -> None:
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+    }
+    assert detect_launch(env).launcher == "torchrun"
+
+
+def test_slurm_batch_script_is_one_process() -> None:
+    # The batch script itself has SLURM_PROCID=0 but is not a step's task.
+    assert (
+        detect_launch({"SLURM_PROCID": "0", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}).launcher
+        == "none"
+    )
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {
+            "OMPI_COMM_WORLD_RANK": "1",
+            "OMPI_COMM_WORLD_SIZE": "2",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        },
+        {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"},
+    ],
+)
+def test_mpirun_environments(env: dict[str, str]) -> None:
+    info = detect_launch({**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"})
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (1, 2, 1, "mpi")
+    assert (info.master_addr, info.master_port) == ("127.0.0.1", 29555)
