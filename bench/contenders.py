@@ -29,7 +29,7 @@ from bench.common import stamp, sync  # noqa: E402
 from distrib.config import Config  # noqa: E402
 from distrib.data.shards import MANIFEST_FILE  # noqa: E402
 from distrib.models.attention import resolve_backend  # noqa: E402
-from distrib.models.hf import hf_config  # noqa: E402
+from distrib.models.hf import hf_config, to_hf_state_dict  # noqa: E402
 from distrib.runtime import Runtime  # noqa: E402
 from distrib.trainer import Trainer, build_model  # noqa: E402
 
@@ -259,35 +259,6 @@ def paired_steps(s: Setup, n: int) -> dict[str, Any]:
     }
 
 
-HF_TOP = {"tok_embeddings.": "model.embed_tokens.", "norm.": "model.norm.", "output.": "lm_head."}
-HF_LAYER = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-
-
-def to_hf_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """distrib names -> LlamaForCausalLM names; no q/k permutation (both use rotate_half)."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("layers."):
-            layer, _, rest = name.partition(".")[2].partition(".")
-            module, _, leaf = rest.rpartition(".")
-            name = f"model.layers.{layer}.{HF_LAYER[module]}.{leaf}"
-        else:
-            prefix = next(p for p in HF_TOP if name.startswith(p))
-            name = HF_TOP[prefix] + name[len(prefix) :]
-        out[name] = tensor
-    return out
-
-
 def build_hf_model(s: Setup) -> torch.nn.Module:
     """LlamaForCausalLM with distrib's shapes, holding the same initial weights."""
     import transformers
@@ -295,7 +266,7 @@ def build_hf_model(s: Setup) -> torch.nn.Module:
     hf_cfg = hf_config(s.cfg.model, attn_implementation="sdpa")
     with torch.device(s.device):
         hf = transformers.LlamaForCausalLM(hf_cfg)
-    state = to_hf_state(build_transformer(s))
+    state = to_hf_state_dict(build_transformer(s).state_dict())
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"weight conversion: missing {missing}, unexpected {unexpected}")

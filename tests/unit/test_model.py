@@ -18,7 +18,7 @@ import torch
 import distrib.models.attention as attn_mod
 from distrib.config import ModelConfig
 from distrib.models.attention import attention, doc_cu_seqlens, resolve_backend
-from distrib.models.hf import hf_config
+from distrib.models.hf import hf_config, to_hf_name
 from distrib.models.llama import Transformer, num_params, rope_cache
 
 REPO = Path(__file__).resolve().parents[2]
@@ -256,30 +256,12 @@ def test_causality(backend: str, with_docs: bool) -> None:
 
 def copy_from_hf(model: Transformer, hf: torch.nn.Module) -> None:
     """Load HF LlamaForCausalLM weights by name; q/k need no permutation (rotate_half RoPE)."""
-    rename = {
-        "model.embed_tokens.": "tok_embeddings.",
-        "model.norm.": "norm.",
-        "lm_head.": "output.",
-        "model.layers.": "layers.",
-        "self_attn.q_proj": "attention.wq",
-        "self_attn.k_proj": "attention.wk",
-        "self_attn.v_proj": "attention.wv",
-        "self_attn.o_proj": "attention.wo",
-        "mlp.gate_proj": "feed_forward.w1",
-        "mlp.down_proj": "feed_forward.w2",
-        "mlp.up_proj": "feed_forward.w3",
-        "input_layernorm": "attention_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    ours = {}
-    for name, tensor in hf.state_dict().items():
-        for old, new in rename.items():
-            name = name.replace(old, new)
-        ours[name] = tensor
-    if model.cfg.tie_embeddings:
-        ours.pop("output.weight", None)  # HF may list the tied head; ours is the same tensor
-    missing, unexpected = model.load_state_dict(ours, strict=False)
-    assert not unexpected and missing == (["output.weight"] if model.cfg.tie_embeddings else [])
+    theirs = hf.state_dict()
+    names = [n for n, _ in model.named_parameters()]  # a tied head is listed once
+    missing, unexpected = model.load_state_dict(
+        {name: theirs[to_hf_name(name)] for name in names}, strict=False
+    )
+    assert not unexpected and all(m not in names for m in missing)
 
 
 def test_matches_hf_llama(tied: bool) -> None:
