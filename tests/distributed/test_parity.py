@@ -16,27 +16,14 @@ the norm, a sum over every gradient, shows it first: measured for tp=2, 6e-6 at 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.cli import MODEL, records, run_train
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parents[2]
-MODEL = [
-    "--model.dim=64",
-    "--model.n_layers=4",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.ffn_dim=128",
-    "--model.vocab_size=512",
-    "--model.max_seq_len=64",
-    "--model.tie_embeddings=false",
-]
 RUN = [
     *MODEL,
     "--data.seq_len=64",
@@ -90,26 +77,8 @@ WORLD_4 = {
 
 
 def _run(data_dir: Path, run_dir: Path, nproc: int, layout: list[str]) -> list[dict]:
-    args = [f"--data.dir={data_dir}", f"--job.run_dir={run_dir}", *RUN, *layout]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "distrib.cli", "train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "distrib.cli",
-            "train",
-            *args,
-        ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    run_train(nproc, [f"--data.dir={data_dir}", f"--job.run_dir={run_dir}", *RUN, *layout])
+    return records(run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,20 +21,10 @@ import torch
 
 from distrib import checkpoint as ckpt
 from distrib.generate import load_run
+from tests.distributed.cli import MODEL, ROOT, child_env, records, run_train, train_command
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parents[2]
-MODEL = [
-    "--model.dim=64",
-    "--model.n_layers=4",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.ffn_dim=128",
-    "--model.vocab_size=512",
-    "--model.max_seq_len=64",
-    "--model.tie_embeddings=false",
-]
 RUN = [
     *MODEL,
     "--data.seq_len=64",
@@ -52,52 +41,18 @@ RUN = [
 LOSS_RTOL = 1e-5
 
 
-def _cmd(nproc: int, args: list[str], restarts: int = 0) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "distrib.cli", "train", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        f"--max-restarts={restarts}",
-        "-m",
-        "distrib.cli",
-        "train",
-        *args,
-    ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
 def _args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"--data.dir={data_dir}", f"--job.run_dir={run_dir}", *RUN, *extra]
 
 
 def _run(data_dir: Path, run_dir: Path, nproc: int, *extra: str, code: int = 0) -> str:
-    done = subprocess.run(
-        _cmd(nproc, _args(data_dir, run_dir, *extra)),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == code, done.stdout[-4000:] + done.stderr[-6000:]
-    return done.stdout + done.stderr
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_train(nproc, _args(data_dir, run_dir, *extra), code)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
     """Loss per step; a step trained twice (replayed after a restart) must agree with itself."""
     out: dict[int, float] = {}
-    for r in _records(run_dir):
+    for r in records(run_dir):
         assert out.setdefault(r["step"], r["loss"]) == r["loss"], r["step"]
     return out
 
@@ -162,7 +117,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         path = run_dir / "metrics.jsonl"
-        if path.exists() and any(r["step"] >= step for r in _records(run_dir)):
+        if path.exists() and any(r["step"] >= step for r in records(run_dir)):
             return
         time.sleep(0.05)
     raise AssertionError(f"no step {step} within {timeout} s")
@@ -192,9 +147,9 @@ def test_sigkill_restart_resumes_bitwise(
     valid checkpoint; the final weights equal an uninterrupted run's bit for bit."""
     args = _args(data_dir, tmp_path, "--parallel.dp_shard=2", "--checkpoint.interval=2", *SLOW)
     launcher = subprocess.Popen(
-        _cmd(2, args, restarts=1),
+        train_command(2, args, restarts=1),
         cwd=ROOT,
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -215,9 +170,9 @@ def test_signal_to_one_rank_stops_all_at_one_step(data_dir: Path, tmp_path: Path
     complete, and torchrun exits 0 (so a restart policy does not re-run it)."""
     args = _args(data_dir, tmp_path, "--parallel.dp_shard=2", "--training.steps=40", *SLOW)
     launcher = subprocess.Popen(
-        _cmd(2, args),
+        train_command(2, args),
         cwd=ROOT,
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -228,13 +183,13 @@ def test_signal_to_one_rank_stops_all_at_one_step(data_dir: Path, tmp_path: Path
     assert launcher.returncode == 0, err[-4000:]
     saved = ckpt.list_checkpoints(tmp_path / "checkpoints")
     assert len(saved) == 1 and "SIGUSR1 received" in out
-    assert int(saved[0].name.split("-")[1]) == _records(tmp_path)[-1]["step"] < 40
+    assert int(saved[0].name.split("-")[1]) == records(tmp_path)[-1]["step"] < 40
 
 
 def test_nan_on_one_rank_all_ranks_skip_or_abort(data_dir: Path, tmp_path: Path) -> None:
     nan = ["--parallel.dp_shard=2", "--debug.nan_at_step=3", "--debug.nan_rank=1"]
     _run(data_dir, tmp_path / "skip", 2, *nan, "--training.on_nonfinite=skip")
-    steps = {r["step"]: r for r in _records(tmp_path / "skip")}
+    steps = {r["step"]: r for r in records(tmp_path / "skip")}
     assert steps[3]["skipped"] is True and steps[10]["loss"] is not None
     out = _run(data_dir, tmp_path / "abort", 2, *nan, "--training.on_nonfinite=abort", code=1)
     assert "step 3: non-finite values" in out and "on ranks [1]" in out
