@@ -9,6 +9,14 @@ then two full optimizer steps, and reports the bytes it holds locally (DTensor s
 their local part). Peak is CUDA's max allocated on a GPU, the process's peak RSS on a CPU (which
 includes the Python and torch runtime, ~0.3-0.5 GB). Prints a table and writes
 bench/results/memory-<device>-<date>.json.
+
+The `ds_*` layouts run the DeepSpeed engine (ZeRO stage 1, 2, 3, with CPU offload). There the
+optimizer column counts DeepSpeed's float32 master partition and the AdamW moments (ZeRO keeps a
+master copy even in float32), and gradients show as "-": DeepSpeed keeps them in its own flat
+buckets and partitions, which the peak reflects. On a CPU "offloaded" state stays in the same
+memory, so the offload rows only show the cost of the extra host copies; on a GPU they move the
+optimizer (and, under ZeRO-3, parameter) bytes off the device. DeepSpeed's import adds to the
+CPU peak (RSS) of its rows.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +60,7 @@ MODEL = [
     "--training.global_batch_size=16",
     "--training.micro_batch_size=4",
 ]
+DS = ["--parallel.engine=deepspeed", "--parallel.dp_shard=-1"]
 LAYOUTS = {
     "single": (1, []),
     "dp_replicate=2": (2, ["--parallel.dp_replicate=2"]),
@@ -61,6 +71,17 @@ LAYOUTS = {
     "dp_replicate=2,dp_shard=2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
     "dp_shard=2,tp=2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
     "pp=2,dp_shard=2": (4, ["--parallel.pp=2", "--parallel.dp_shard=2"]),
+    **{f"ds_zero{stage}": (2, [*DS, f"--parallel.zero_stage={stage}"]) for stage in (1, 2, 3)},
+    "ds_zero2_offload": (2, [*DS, "--parallel.zero_stage=2", "--parallel.offload_optimizer=true"]),
+    "ds_zero3_offload": (
+        2,
+        [
+            *DS,
+            "--parallel.zero_stage=3",
+            "--parallel.offload_optimizer=true",
+            "--parallel.offload_params=true",
+        ],
+    ),
 }
 MB = 2**20
 
@@ -68,6 +89,53 @@ MB = 2**20
 def _bytes(tensors: list[torch.Tensor]) -> int:
     local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
     return sum(t.numel() * t.element_size() for t in local)
+
+
+def _native(engine: Any, batch: Batch) -> dict[str, float | None]:
+    params = [p for part in engine.parts for p in part.parameters()]
+    engine._micro_step(batch, 1.0, False)  # noqa: SLF001 - one backward, to see the gradients
+    grads = _bytes([p.grad for p in params if p.grad is not None])
+    for opt in engine.optimizers:
+        opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        engine.train_step([batch, batch])
+    states = [
+        t
+        for o in engine.optimizers
+        for s in o.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.ndim > 0
+    ]
+    return {
+        "params_mb": _bytes(params) / MB,
+        "grads_mb": grads / MB,
+        "optimizer_mb": _bytes(states) / MB,
+    }
+
+
+# Where DeepSpeed's optimizer wrappers keep the float32 master weights (ZeRO-3, ZeRO-1/2, bf16
+# ZeRO-0); ZeRO-0 in float32 steps the model's own parameters.
+_MASTER = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat")
+
+
+def _deepspeed(engine: Any, batch: Batch) -> dict[str, float | None]:
+    for _ in range(2):
+        engine.train_step([batch, batch])
+    # A ZeRO-3 parameter is an empty placeholder; its partition lives in ds_tensor.
+    params = [getattr(p, "ds_tensor", p) for p in engine.model.parameters()]
+    wrapper = engine.ds.optimizer
+    master = next((list(getattr(wrapper, a)) for a in _MASTER if hasattr(wrapper, a)), [])
+    moments = [
+        t
+        for s in engine.ds.basic_optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.ndim > 0
+    ]
+    return {
+        "params_mb": _bytes(params) / MB,
+        "grads_mb": None,
+        "optimizer_mb": (_bytes(master) + _bytes(moments)) / MB,
+    }
 
 
 def worker(overrides: list[str], out: str) -> None:
@@ -79,25 +147,10 @@ def worker(overrides: list[str], out: str) -> None:
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, 4096, (4, 257), generator=g)
         batch = Batch(tokens[:, :-1], tokens[:, 1:], None)
-        params = [p for part in engine.parts for p in part.parameters()]
-        engine._micro_step(batch, 1.0)  # noqa: SLF001 - one backward, to see the gradients
-        grads = _bytes([p.grad for p in params if p.grad is not None])
-        for opt in engine.optimizers:
-            opt.zero_grad(set_to_none=True)
-        for _ in range(2):
-            engine.train_step([batch, batch])
-        states = [
-            t
-            for o in engine.optimizers
-            for s in o.state.values()
-            for t in s.values()
-            if isinstance(t, torch.Tensor) and t.ndim > 0
-        ]
+        measure = _deepspeed if cfg.parallel.engine == "deepspeed" else _native
         record = {
             "rank": runtime.rank,
-            "params_mb": _bytes(params) / MB,
-            "grads_mb": grads / MB,
-            "optimizer_mb": _bytes(states) / MB,
+            **measure(engine, batch),
             "peak_mb": memory_gb(runtime.device) * 1024,
         }
         gathered = [None] * runtime.world_size if runtime.is_main else None
@@ -153,7 +206,7 @@ def main() -> None:
                     name,
                     str(r["rank"]),
                     f"{r['params_mb']:.2f}",
-                    f"{r['grads_mb']:.2f}",
+                    "-" if r["grads_mb"] is None else f"{r['grads_mb']:.2f}",
                     f"{r['optimizer_mb']:.2f}",
                     f"{r['peak_mb']:.0f}",
                 ]

@@ -83,6 +83,11 @@ def _check_layout(cfg: Config, world_size: int) -> None:
 
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     dims.check_batch(cfg.training, cfg.parallel.pp_microbatches)
+    if cfg.parallel.engine == "deepspeed":
+        # The override JSON is merged and checked here, before any process group starts.
+        from distrib.deepspeed.config import effective_config
+
+        effective_config(cfg, dims.dp)
 
 
 def cmd_prepare(cfg: Config, force: bool) -> None:

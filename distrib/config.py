@@ -367,6 +367,11 @@ def validate(cfg: Config) -> None:
         "training.eval_every must be >= 0 and training.eval_steps > 0",
     )
     _validate_parallel(p, m, d, t)
+    _check(
+        not (p.engine == "deepspeed" and cfg.checkpoint.async_save),
+        "checkpoint.async = true is not supported with parallel.engine = 'deepspeed' "
+        "(DeepSpeed's save_checkpoint has no background mode); set checkpoint.async = false",
+    )
     if p.dp_replicate > 0 and p.dp_shard > 0:
         grad_accum_steps(t, p.dp_replicate * p.dp_shard)
     c = cfg.checkpoint

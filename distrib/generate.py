@@ -81,7 +81,19 @@ def load_run(
         model = Transformer(cfg.model)
     model.to_empty(device=device)
     model.init_rope()  # the weights come from the checkpoint
-    ckpt.load(find_checkpoint(run_dir, step), {"model": ckpt.ModelState(model)})
+    path = find_checkpoint(run_dir, step)
+    if (path / "deepspeed").is_dir():  # written by parallel.engine = "deepspeed"
+        from distrib.deepspeed_engine import consolidated_weights
+
+        missing, unexpected = model.load_state_dict(consolidated_weights(path), strict=False)
+        tied = {"output.weight"} if cfg.model.tie_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise CheckpointError(
+                f"{path}: DeepSpeed weights do not fit the run's model: missing "
+                f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
+            )
+    else:
+        ckpt.load(path, {"model": ckpt.ModelState(model)})
     return model, Tokenizer.load(run_dir / "tokenizer.json"), cfg
 
 

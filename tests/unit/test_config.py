@@ -94,6 +94,10 @@ def test_parse_overrides_forms() -> None:
             "offload_params needs parallel.zero_stage = 3",
         ),
         (["--parallel.zero_stage=4"], "zero_stage must be 0, 1, 2 or 3"),
+        (
+            ["--parallel.engine=deepspeed", "--checkpoint.async=true"],
+            "not supported with parallel.engine = 'deepspeed'",
+        ),
         (["--training.on_nonfinite=ignore"], "valid: skip, rollback, abort"),
         (["--training.spike_threshold=0.5"], "spike_threshold must be 0"),
         (["--model.init_from=/some/folder"], "expected 'hf:/path/to/folder'"),

@@ -1,0 +1,1 @@
+"""Support for the DeepSpeed engine (`distrib.deepspeed_engine`) that needs no DeepSpeed import."""
