@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from distrib.config import Config, help_lines, load_config
 from distrib.errors import UserError
+
+# Whether this `distrib train` was started as one of several processes (see `_finish`).
+_launched = False
 
 _CONFIG_HELP = "TOML config (default: the built-in debug model); then --section.key=value overrides"
 
@@ -67,7 +71,9 @@ def cmd_train(cfg: Config) -> None:
 
     # Everything that can be checked without a process group is checked first.
     check_dataset(cfg.data, cfg.model)
+    global _launched
     launch = detect_launch()
+    _launched = launch.distributed
     _check_layout(cfg, launch.world_size)
     runtime = init_runtime(launch=launch)
     try:
@@ -149,8 +155,28 @@ def main(argv: list[str] | None = None) -> int:
             cmd_prepare(cfg, args.force)
     except UserError as err:
         print(f"distrib {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return _finish(args.command, 2)
+    return _finish(args.command, 0)
+
+
+def _finish(command: str, code: int) -> int:
+    """The exit code; a launched training process leaves at once after its teardown.
+
+    Left to the interpreter's own shutdown, a worker sometimes aborts after a finished run
+    ("terminate called without an active exception": a C++ thread of gloo or DCP still alive
+    while Python exits), and the launcher then reports a failed job. Every file is written and
+    closed, and the process group destroyed, before this point.
+    """
+    if command == "train" and _launched:
+        if "mpi4py.MPI" in sys.modules:  # mpirun expects every rank to finalize MPI
+            from mpi4py import MPI
+
+            if MPI.Is_initialized() and not MPI.Is_finalized():
+                MPI.Finalize()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 of an allocation for the torchrun-per-node path in `slurm/train.sbatch`.
 
 `python -m distrib.launchers.slurm rendezvous` prints `ADDR:PORT` for the current job.
+
+What Slurm sets (checked on Slurm 22.05, `scripts/slurm_cluster.sh`): every task of an `srun`
+step has SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_ID, SLURM_STEP_NUM_TASKS and
+SLURM_STEP_NODELIST; the batch script itself also has SLURM_PROCID=0 and SLURM_LOCALID=0 but no
+SLURM_STEP_* variables, so it is not mistaken for a task. SLURM_NTASKS is the step's task count
+inside a step but the job's in the batch script; SLURM_STEP_NUM_TASKS is always the step's.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from collections.abc import Mapping
 
 from distrib.launchers import LaunchInfo, int_env
 
-# Rendezvous ports are derived from the job id so that two jobs sharing a node never collide.
+# Rendezvous ports are derived from the job id so that two jobs sharing a node do not collide
+# (unless their ids are a multiple of PORT_SPAN apart); the range stays below Linux's ephemeral
+# ports (32768 and up), which outgoing connections take.
 PORT_BASE, PORT_SPAN = 15000, 15000
 
 
@@ -47,8 +55,12 @@ def first_host(nodelist: str) -> str:
 
 def node_address(node: str) -> str:
     """The address Slurm itself uses to reach `node` (its NodeAddr), which resolves even where
-    node names are not DNS names."""
-    for field in _scontrol("show", "node", node, "-o").split():
+    node names are not DNS names; the name itself where Slurm will not tell (PrivateData)."""
+    try:
+        fields = _scontrol("show", "node", node, "-o").split()
+    except RuntimeError:
+        return node
+    for field in fields:
         if field.startswith("NodeAddr="):
             return field.split("=", 1)[1]
     return node
@@ -72,8 +84,9 @@ def rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
 
 
 def detect(env: Mapping[str, str]) -> LaunchInfo | None:
-    """The layout of an `srun` task, or None outside one."""
-    if not in_srun_task(env):
+    """The layout of an `srun` task, or None outside one (and in a one-task step, which needs
+    no process group)."""
+    if not in_srun_task(env) or int_env(env, "SLURM_STEP_NUM_TASKS") == 1:
         return None
     addr, port = rendezvous(env)
     return LaunchInfo(
@@ -87,6 +100,7 @@ def detect(env: Mapping[str, str]) -> LaunchInfo | None:
 
 
 def main(argv: list[str]) -> int:
+    """`rendezvous`: print ADDR:PORT of this job's first node (for torchrun --rdzv-endpoint)."""
     if argv != ["rendezvous"]:
         print("usage: python -m distrib.launchers.slurm rendezvous", file=sys.stderr)
         return 2
