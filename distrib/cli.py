@@ -155,19 +155,23 @@ def main(argv: list[str] | None = None) -> int:
             cmd_prepare(cfg, args.force)
     except UserError as err:
         print(f"distrib {args.command}: error: {err}", file=sys.stderr)
-        return _finish(args.command, 2)
-    return _finish(args.command, 0)
+        return 2
+    return 0
 
 
-def _finish(command: str, code: int) -> int:
-    """The exit code; a launched training process leaves at once after its teardown.
+def console(argv: list[str] | None = None) -> None:
+    """The `distrib` console script and `python -m distrib.cli`: `main`, then exit the process.
 
-    Left to the interpreter's own shutdown, a worker sometimes aborts after a finished run
-    ("terminate called without an active exception": a C++ thread of gloo or DCP still alive
-    while Python exits), and the launcher then reports a failed job. Every file is written and
-    closed, and the process group destroyed, before this point.
+    A launched training process leaves at once after its teardown: left to the interpreter's
+    own shutdown, a worker sometimes aborts after a finished run ("terminate called without an
+    active exception": a C++ thread of gloo or DCP still alive while Python exits), and the
+    launcher then reports a failed job. Every file is written and closed, and the process group
+    destroyed, before this point. `main` itself never exits, so it can be called in-process.
     """
-    if command == "train" and _launched:
+    global _launched
+    _launched = False
+    code = main(argv)
+    if _launched:
         if "mpi4py.MPI" in sys.modules:  # mpirun expects every rank to finalize MPI
             from mpi4py import MPI
 
@@ -176,8 +180,8 @@ def _finish(command: str, code: int) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    return code
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

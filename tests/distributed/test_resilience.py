@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,15 @@ import torch
 
 from distrib import checkpoint as ckpt
 from distrib.generate import load_run
-from tests.distributed.cli import MODEL, ROOT, child_env, records, run_train, train_command
+from tests.distributed.cli import (
+    MODEL,
+    ROOT,
+    child_env,
+    records,
+    run_train,
+    train_command,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -112,17 +119,6 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(r["step"] >= step for r in records(run_dir)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
 def _workers(launcher: subprocess.Popen) -> list[int]:
     """PIDs of torchrun's worker processes (its children)."""
     children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
@@ -154,7 +150,7 @@ def test_sigkill_restart_resumes_bitwise(
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for_step(tmp_path, kill_at, launcher)
+    wait_for_step(tmp_path, kill_at, launcher)
     os.kill(_workers(launcher)[-1], signal.SIGKILL)
     out, err = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, out[-3000:] + err[-6000:]
@@ -177,7 +173,7 @@ def test_signal_to_one_rank_stops_all_at_one_step(data_dir: Path, tmp_path: Path
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for_step(tmp_path, 2, launcher)
+    wait_for_step(tmp_path, 2, launcher)
     os.kill(_workers(launcher)[-1], signal.SIGUSR1)
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-4000:]

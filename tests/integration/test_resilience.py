@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from distrib import checkpoint as ckpt
+from tests.distributed.cli import wait_for_step
 from tests.integration.conftest import TINY_RUN, records, train
 
 ROOT = Path(__file__).parents[2]
@@ -91,17 +91,6 @@ def _start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(r["step"] >= step for r in records(run_dir)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_stop_signal_checkpoints_and_exits_cleanly(
@@ -111,7 +100,7 @@ def test_stop_signal_checkpoints_and_exits_cleanly(
     resumed run ends exactly where an uninterrupted one does."""
     slow = ["--debug.straggler_rank=0", "--debug.straggler_sleep_s=0.1"]
     proc = _start(tmp_path / "run", data_dir, *slow)
-    _wait_for_step(tmp_path / "run", 3, proc)
+    wait_for_step(tmp_path / "run", 3, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
