@@ -6,28 +6,56 @@ packed sequence (`doc_ids_BL`: a token attends only to earlier tokens with the s
 
 Shape legend: B batch, L sequence, H query heads, G kv heads (Hkv), K head dim, T total tokens
 (B * L, flattened for varlen flash), S number of documents (segments) + 1.
+
+On CUDA the sdpa backend is pinned to PyTorch's fused kernels where dtype and head dim allow
+(`sdpa_kernels`), so it does not drop silently to the math kernel. Which kernel runs is logged
+once per combination on the "distrib.attention" logger.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
+import logging
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = ("auto", "flash", "sdpa", "eager")
 
-# (configured name, device type) -> backend that runs. A plain dict rather than lru_cache so that
-# torch.compile guards on a lookup instead of tracing into the resolution.
-_RESOLVED: dict[tuple[str, str], str] = {}
+log = logging.getLogger("distrib.attention")
 
 # The builtin has no inspectable signature; its docstring carries it. enable_gqa (torch >= 2.5)
 # lets SDPA broadcast kv heads without materializing the repeated copies.
 _SDPA_HAS_ENABLE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+# Without set_priority, sdpa_kernel only allows the listed kernels and SDPA tries them in its own
+# global order; with it, the list order is the preference.
+_SDPA_KERNEL_HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+_HALF = (torch.float16, torch.bfloat16)
+# The head dims PyTorch's fused kernels take: flash up to 256, and flash, cuDNN and memory-efficient
+# all want a multiple of 8 for 16-bit inputs (sdp_utils.cpp: check_head_dim_size_*).
+_FLASH_MAX_HEAD_DIM = 256
+_HALF_ALIGNMENT = 8
+
+
+class _Plan(NamedTuple):
+    """What `attention` runs for one (backend, device, dtype, head dim, masked) combination."""
+
+    name: str  # the resolved backend: "flash", "sdpa" or "eager"
+    kernels: tuple[SDPBackend, ...]  # SDPA kernels allowed (preferred first); () = not pinned
+
+
+# (configured backend, device type, dtype, head dim, masked) -> plan. A plain dict, read by
+# _plan() below: in eager the per-call cost is one lookup, and under torch.compile the lookup
+# runs once at trace time (assume_constant_result), so it adds neither guards nor graph breaks.
+_PLANS: dict[tuple[str, str, torch.dtype, int, bool], _Plan] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,15 +117,71 @@ def attention(
             f"doc_ids_BL shape {tuple(doc_ids_BL.shape)} must be [B, L] = "
             f"{(q_BHLK.shape[0], q_BHLK.shape[2])}"
         )
-    key = (backend, q_BHLK.device.type)
-    name = _RESOLVED.get(key)
-    if name is None:
-        name = _RESOLVED[key] = resolve_backend(*key)
-    if name == "eager":
+    masked = doc_ids_BL is not None
+    plan = _plan(backend, q_BHLK.device.type, q_BHLK.dtype, q_BHLK.shape[-1], masked)
+    if plan.name == "eager":
         return eager_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL)
-    if name == "sdpa":
-        return sdpa_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL)
+    if plan.name == "sdpa":
+        return sdpa_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, plan.kernels)
     return flash_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL)
+
+
+def sdpa_kernels(
+    device_type: str, dtype: torch.dtype, head_dim: int, masked: bool
+) -> list[SDPBackend]:
+    """The SDPA kernels to pin to, most preferred first; an empty list means "do not pin".
+
+    Off CUDA nothing is pinned (PyTorch's choice, and its numerics, stay as they are). On CUDA
+    with 16-bit inputs: flash, then cuDNN, then memory-efficient without a document mask; with
+    one (flash takes no mask) memory-efficient, then cuDNN. float32: memory-efficient, then math.
+    Head dims no fused kernel takes are left to PyTorch rather than pinned to something slow.
+    """
+    if device_type != "cuda":
+        return []
+    if dtype == torch.float32:
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if dtype not in _HALF or head_dim % _HALF_ALIGNMENT:
+        return []
+    if masked:
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    if head_dim > _FLASH_MAX_HEAD_DIM:
+        # Math as the last resort: memory-efficient takes GQA only in recent torch (#191085).
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return [
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+    ]
+
+
+@torch.compiler.assume_constant_result
+def _plan(backend: str, device_type: str, dtype: torch.dtype, head_dim: int, masked: bool) -> _Plan:
+    # Under torch.compile this runs in Python at trace time and its result is baked in, so the
+    # one-time log line below never sits in (or breaks) a compiled graph.
+    key = (backend, device_type, dtype, head_dim, masked)
+    plan = _PLANS.get(key)
+    if plan is None:
+        name = resolve_backend(backend, device_type)
+        kernels = sdpa_kernels(device_type, dtype, head_dim, masked) if name == "sdpa" else []
+        plan = _PLANS[key] = _Plan(name, tuple(kernels))
+        log.info(describe_plan(plan, device_type, dtype, masked))
+    return plan
+
+
+def describe_plan(plan: _Plan, device_type: str, dtype: torch.dtype, masked: bool) -> str:
+    """The one-line log of which attention kernel runs, e.g. for sdpa pinned on CUDA."""
+    where = f"on {device_type} {str(dtype).removeprefix('torch.')}"
+    if plan.name == "flash":
+        version = getattr(_flash_attn_module(), "__version__", "?")
+        layout = "varlen (packed documents)" if masked else "dense, causal"
+        return f"attention: flash_attn {version} {layout} {where}"
+    mask = "causal + document mask" if masked else "causal"
+    if plan.name == "eager":
+        return f"attention: eager {where}, {mask}, float32 softmax (reference; slow)"
+    if not plan.kernels:
+        return f"attention: sdpa {where}, {mask}, kernels chosen by PyTorch (not pinned)"
+    sep = " > " if _SDPA_KERNEL_HAS_PRIORITY else " | "
+    return f"attention: sdpa {where}, {mask}, kernels {sep.join(k.name for k in plan.kernels)}"
 
 
 def causal_doc_mask(L: int, doc_ids_BL: Tensor | None, device: torch.device) -> Tensor:
@@ -131,21 +215,39 @@ def eager_attention(
 
 
 def sdpa_attention(
-    q_BHLK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, doc_ids_BL: Tensor | None = None
+    q_BHLK: Tensor,
+    k_BGLK: Tensor,
+    v_BGLK: Tensor,
+    doc_ids_BL: Tensor | None = None,
+    kernels: Sequence[SDPBackend] = (),
 ) -> Tensor:
-    """PyTorch's fused attention; `is_causal` without doc ids, else a boolean `[B, 1, L, L]` mask."""
+    """PyTorch's fused attention; `is_causal` without doc ids, else a boolean `[B, 1, L, L]` mask.
+
+    `kernels` (see `sdpa_kernels`) pins SDPA to those kernels, the first preferred where this
+    torch supports priorities; empty leaves the choice to PyTorch.
+    """
     n_rep = q_BHLK.shape[1] // k_BGLK.shape[1]
     kwargs: dict[str, Any] = {}
     if n_rep > 1:
-        if _SDPA_HAS_ENABLE_GQA:
+        # Pinned with a mask, memory-efficient attention runs, which broadcasts kv heads itself
+        # only in recent torch (pytorch#191085): repeat them, or no allowed kernel may run.
+        if _SDPA_HAS_ENABLE_GQA and not (kernels and doc_ids_BL is not None):
             kwargs["enable_gqa"] = True
         else:
             k_BGLK, v_BGLK = _repeat_kv(k_BGLK, n_rep), _repeat_kv(v_BGLK, n_rep)
     if doc_ids_BL is None:
         # is_causal lets SDPA pick flash / memory-efficient kernels without materializing a mask.
-        return F.scaled_dot_product_attention(q_BHLK, k_BGLK, v_BGLK, is_causal=True, **kwargs)
-    mask_B1LL = causal_doc_mask(q_BHLK.shape[2], doc_ids_BL, q_BHLK.device)
-    return F.scaled_dot_product_attention(q_BHLK, k_BGLK, v_BGLK, attn_mask=mask_B1LL, **kwargs)
+        kwargs["is_causal"] = True
+    else:
+        kwargs["attn_mask"] = causal_doc_mask(q_BHLK.shape[2], doc_ids_BL, q_BHLK.device)
+    if not kernels:
+        return F.scaled_dot_product_attention(q_BHLK, k_BGLK, v_BGLK, **kwargs)
+    if _SDPA_KERNEL_HAS_PRIORITY:
+        pin = sdpa_kernel(list(kernels), set_priority=True)
+    else:
+        pin = sdpa_kernel(list(kernels))
+    with pin:
+        return F.scaled_dot_product_attention(q_BHLK, k_BGLK, v_BGLK, **kwargs)
 
 
 def doc_cu_seqlens(doc_ids_BL: Tensor) -> tuple[Tensor, int]:

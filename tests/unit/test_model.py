@@ -291,9 +291,10 @@ def test_matches_hf_llama(tied: bool) -> None:
 
 
 def test_models_do_not_import_torch_distributed() -> None:
-    # `import torch` already pulls in a few torch.distributed modules, so compare before/after.
+    # `import torch` (and torch.compile's machinery, which attention.py uses) already pulls in
+    # a few torch.distributed modules, so compare before/after.
     code = (
-        "import sys, torch\n"
+        "import sys, torch, torch._dynamo\n"
         "before = {m for m in sys.modules if m.startswith('torch.distributed')}\n"
         "import distrib.models, distrib.models.llama, distrib.models.attention\n"
         "after = {m for m in sys.modules if m.startswith('torch.distributed')}\n"
@@ -306,20 +307,6 @@ def test_models_do_not_import_torch_distributed() -> None:
     )
     for path in (REPO / "distrib" / "models").glob("*.py"):
         assert not banned.search(path.read_text()), f"{path.name} imports torch.distributed"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["flash", "sdpa"])
-def test_gpu_backends_match_eager(backend: str) -> None:
-    if backend == "flash" and not attn_mod._flash_importable():
-        pytest.skip("flash_attn is not installed")
-    q, k, v = (t.cuda().bfloat16() for t in random_qkv(L=64))
-    doc_ids_BL = torch.tensor([[0] * 10 + [1] * 30 + [2] * 24, [5] * 64], device="cuda")
-    for docs in (None, doc_ids_BL):
-        ref_BHLK = attention(q, k, v, "eager", docs).float()
-        out_BHLK = attention(q, k, v, backend, docs).float()
-        torch.testing.assert_close(out_BHLK, ref_BHLK, rtol=0, atol=2e-2)
 
 
 def test_init_depends_only_on_seed_and_name() -> None:
