@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -93,7 +94,13 @@ class TrainingConfig:
     eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
     dtype: str = _f("float32", "compute dtype (bfloat16 = autocast)", ("float32", "bfloat16"))
-    compile: bool = _f(False, "torch.compile each transformer block")
+    compile: bool = _f(False, "torch.compile each transformer block (and the loss)")
+    loss_chunk_tokens: int = _f(
+        0,
+        "output layer + loss in chunks of this many tokens, recomputed in backward, so the "
+        "[tokens x vocab] float32 logits never exist at once (0: in one piece)",
+    )
+    float8: bool = _f(False, "train the linear layers in float8 (needs torchao and a CUDA GPU)")
     eval_every: int = _f(50, "evaluate on the validation split every N steps (0: never)")
     eval_steps: int = _f(4, "validation batches (of global_batch_size) per evaluation")
     on_nonfinite: str = _f(
@@ -367,6 +374,7 @@ def validate(cfg: Config) -> None:
         "training.eval_every must be >= 0 and training.eval_steps > 0",
     )
     _validate_parallel(p, m, d, t)
+    _validate_compute(t, p)
     _check(
         not (p.engine == "deepspeed" and cfg.checkpoint.async_save),
         "checkpoint.async = true is not supported with parallel.engine = 'deepspeed' "
@@ -425,6 +433,35 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
         "(the shared weight would live on two stages or in two layouts); untie the embeddings",
     )
     _validate_pipeline(p, m, d, t)
+
+
+def _validate_compute(t: TrainingConfig, p: ParallelConfig) -> None:
+    _check(
+        t.loss_chunk_tokens >= 0,
+        f"training.loss_chunk_tokens must be >= 0, got {t.loss_chunk_tokens}",
+    )
+    _check(
+        t.loss_chunk_tokens == 0 or (p.tp == 1 and p.pp == 1),
+        "training.loss_chunk_tokens > 0 needs parallel.tp = 1 and parallel.pp = 1 (with tp the "
+        "vocabulary-parallel loss already keeps logits sharded; a pipeline's last stage computes "
+        "its loss from whole logits); set training.loss_chunk_tokens = 0",
+    )
+    _check(
+        t.loss_chunk_tokens == 0 or p.engine == "native" or p.zero_stage < 3,
+        "training.loss_chunk_tokens > 0 cannot run under DeepSpeed ZeRO-3 (the chunked head "
+        "reads the output weight, which ZeRO-3 gathers only around the output layer's own "
+        "forward); use parallel.zero_stage <= 2, the native engine, or loss_chunk_tokens = 0",
+    )
+    _check(
+        not t.float8 or (p.engine == "native" and p.tp == 1),
+        "training.float8 = true needs parallel.engine = 'native' and parallel.tp = 1 (DeepSpeed "
+        "and the tensor-parallel plan have no float8 linears); set training.float8 = false",
+    )
+    _check(
+        not t.float8 or importlib.util.find_spec("torchao") is not None,
+        "training.float8 = true needs torchao (pip install torchao on a CUDA machine); "
+        "set training.float8 = false",
+    )
 
 
 def _validate_deepspeed(p: ParallelConfig) -> None:

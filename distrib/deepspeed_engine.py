@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import time
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -37,7 +36,7 @@ from torch import nn
 from distrib.config import Config, ParallelConfig, TrainingConfig
 from distrib.data.loader import Batch
 from distrib.deepspeed.config import effective_config, offloads_optimizer, zero_stage
-from distrib.engine import Accept, StepResult, causal_lm_loss
+from distrib.engine import Accept, StepResult, forward_loss, timestamp
 from distrib.errors import CheckpointError, ConfigError
 from distrib.models.llama import Transformer
 from distrib.optim import build_scheduler, param_groups
@@ -162,8 +161,10 @@ class DeepSpeedEngine:
         gate: _Gate,
         device: torch.device,
         rank: int,
+        training: TrainingConfig,
     ) -> None:
         self.ds = ds
+        self.training = training  # for the loss: chunking and compile
         self.model: nn.Module = ds.module
         self.scheduler = scheduler
         self.gate = gate
@@ -175,18 +176,16 @@ class DeepSpeedEngine:
         self._warned_background = False
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
-        inputs = batch.inputs.to(self.device, non_blocking=True)
-        labels = batch.labels.to(self.device, non_blocking=True)
-        doc_ids = (
-            None if batch.doc_ids is None else batch.doc_ids.to(self.device, non_blocking=True)
+        return forward_loss(
+            self.ds,
+            batch,
+            self.device,
+            loss_chunk_tokens=self.training.loss_chunk_tokens,
+            compiled=self.training.compile,
         )
-        logits_BLV = self.ds(inputs, doc_ids)
-        return causal_lm_loss(logits_BLV, labels)
 
     def _now(self, timed: bool) -> float:
-        if timed and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return timestamp(self.device, timed)
 
     def train_step(
         self,
@@ -386,7 +385,9 @@ def build_deepspeed_engine(cfg: Config, runtime: Runtime) -> tuple[DeepSpeedEngi
         config=config,
         dist_init_required=False,
     )
-    engine = DeepSpeedEngine(ds, scheduler, gate, runtime.device, dist.get_rank())
+    engine = DeepSpeedEngine(
+        ds, scheduler, gate, runtime.device, dist.get_rank(), training=cfg.training
+    )
     return engine, dist.get_rank(), dp_size
 
 

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -29,6 +28,9 @@ from distrib import checkpoint as ckpt
 from distrib.checkpoint import ModelState, OptimizerState, SchedulerState
 from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
+
+# causal_lm_loss lives in distrib.loss; `from distrib.engine import causal_lm_loss` still works.
+from distrib.loss import causal_lm_loss, compiled_causal_lm_loss
 from distrib.optim import build_optimizer, build_scheduler
 from distrib.parallel.fsdp import set_gradient_sync
 
@@ -96,9 +98,38 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def causal_lm_loss(logits_BLV: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in float32 whatever the compute dtype."""
-    return F.cross_entropy(logits_BLV.float().flatten(0, 1), labels_BL.flatten())
+def forward_loss(
+    model: nn.Module,
+    batch: Batch,
+    device: torch.device,
+    loss_chunk_tokens: int = 0,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """The mean next-token loss of `model` on one micro-batch moved to `device`.
+
+    With `loss_chunk_tokens > 0` the model computes the loss itself, its output head and
+    cross-entropy in chunks (see `Transformer.forward`); otherwise it returns logits and the
+    loss is taken here, by the compiled loss when `compiled`.
+    """
+    inputs = batch.inputs.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    doc_ids = None if batch.doc_ids is None else batch.doc_ids.to(device, non_blocking=True)
+    if loss_chunk_tokens > 0:
+        return model(inputs, doc_ids, labels_BL=labels, loss_chunk_tokens=loss_chunk_tokens)
+    logits_BLV = model(inputs, doc_ids)
+    # Vocab-sharded logits (a DTensor under loss parallelism) take the eager loss, whose
+    # DTensor handlers the loss_parallel context installs.
+    if compiled and not isinstance(logits_BLV, DTensor):
+        return compiled_causal_lm_loss()(logits_BLV, labels)
+    return causal_lm_loss(logits_BLV, labels)
+
+
+def timestamp(device: torch.device, timed: bool) -> float:
+    """perf_counter; on a timed step, after the device has caught up, so that the split of a
+    step into phases is real on GPUs. Untimed steps never synchronize."""
+    if timed and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class NativeEngine:
@@ -139,14 +170,14 @@ class NativeEngine:
         return contextlib.nullcontext()
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
-        inputs = batch.inputs.to(self.device, non_blocking=True)
-        labels = batch.labels.to(self.device, non_blocking=True)
-        doc_ids = (
-            None if batch.doc_ids is None else batch.doc_ids.to(self.device, non_blocking=True)
-        )
         with self._autocast():
-            logits_BLV = self.model(inputs, doc_ids)
-        return causal_lm_loss(logits_BLV, labels)
+            return forward_loss(
+                self.model,
+                batch,
+                self.device,
+                loss_chunk_tokens=self.cfg.loss_chunk_tokens,
+                compiled=self.cfg.compile,
+            )
 
     def _micro_step(self, batch: Batch, scale: float, poison: bool) -> torch.Tensor | None:
         """Forward and backward of one micro-batch; its mean loss where this rank has it."""
@@ -168,11 +199,7 @@ class NativeEngine:
         return loss * float("nan") if poison else loss
 
     def _now(self, timed: bool) -> float:
-        # A timed step waits for the device at each phase boundary so the split is real on GPUs;
-        # untimed steps never synchronize.
-        if timed and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return timestamp(self.device, timed)
 
     def train_step(
         self,

@@ -77,7 +77,12 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
     dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
     mesh = dims.build_mesh(runtime.device.type) if runtime.world_size > 1 else None
     apply = functools.partial(
-        parallelize, dims=dims, mesh=mesh, parallel=cfg.parallel, training=cfg.training
+        parallelize,
+        dims=dims,
+        mesh=mesh,
+        parallel=cfg.parallel,
+        training=cfg.training,
+        device=runtime.device,
     )
     loss_ctx = functools.partial(loss_context, dims.tp > 1 and cfg.parallel.loss_parallel)
     seed, pipeline = cfg.training.seed, None

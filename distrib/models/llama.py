@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distrib.config import ModelConfig
+from distrib.loss import causal_lm_loss, chunked_causal_lm_loss
 from distrib.models.attention import attention
 
 
@@ -216,13 +217,24 @@ class Transformer(nn.Module):
         emb, out = self.tok_embeddings, self.output
         return emb is not None and out is not None and out.weight is emb.weight
 
-    def forward(self, tokens_BL: Tensor, doc_ids_BL: Tensor | None = None) -> Tensor:
-        """Logits `[B, L, V]` in the compute dtype.
+    def forward(
+        self,
+        tokens_BL: Tensor,
+        doc_ids_BL: Tensor | None = None,
+        labels_BL: Tensor | None = None,
+        loss_chunk_tokens: int = 0,
+    ) -> Tensor:
+        """Logits `[B, L, V]` in the compute dtype; with `labels_BL`, the mean loss instead.
 
         On a pipeline stage without `tok_embeddings` the input is already hidden states `h_BLD`;
         without `norm`/`output` the hidden states are returned. `doc_ids_BL` (same shape as the
         tokens, non-decreasing along L) confines attention to each token's own document; RoPE
         positions are not reset per document, since attention only sees relative positions.
+
+        Given `labels_BL`, the float32 mean next-token cross-entropy is returned, computed here
+        rather than by the caller because under FSDP2 the output weight is whole only inside
+        this forward. With `loss_chunk_tokens > 0` the output head and loss run that many tokens
+        at a time (recomputed in backward), so the full float32 logits never exist at once.
         """
         h_BLD = self.tok_embeddings(tokens_BL) if self.tok_embeddings is not None else tokens_BL
         # The full RoPE tables go down and each attention slices them to the length it sees:
@@ -232,7 +244,13 @@ class Transformer(nn.Module):
             h_BLD = layer(h_BLD, self.rope_cos, self.rope_sin, doc_ids_BL)
         if self.norm is not None:
             h_BLD = self.norm(h_BLD)
-        return self.output(h_BLD) if self.output is not None else h_BLD
+        if self.output is None:
+            return h_BLD
+        if labels_BL is None:
+            return self.output(h_BLD)
+        if loss_chunk_tokens > 0:
+            return chunked_causal_lm_loss(h_BLD, self.output.weight, labels_BL, loss_chunk_tokens)
+        return causal_lm_loss(self.output(h_BLD), labels_BL)
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

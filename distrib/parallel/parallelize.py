@@ -1,12 +1,15 @@
-"""Apply a layout to one model part, always in the same order: TP -> AC -> compile -> FSDP/DDP.
+"""Apply a layout to one model part, always in the same order:
+float8 -> TP -> AC -> compile -> FSDP/DDP.
 
-TP first, so the later wrappers see DTensor parameters; activation checkpointing before
-compile, so the compiled graph contains the recomputation; FSDP or DDP last, so they wrap
-compiled blocks and shard what TP left.
+Float8 first, since it swaps modules (nn.Linear -> Float8Linear) that every later step wraps or
+shards; it refuses TP, whose plan has no float8 styles. TP next, so the later wrappers see
+DTensor parameters; activation checkpointing before compile, so the compiled graph contains the
+recomputation; FSDP or DDP last, so they wrap compiled blocks and shard what TP left.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -14,6 +17,7 @@ from distrib.config import ParallelConfig, TrainingConfig
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
 from distrib.parallel.dims import ParallelDims
+from distrib.parallel.float8 import apply_float8
 from distrib.parallel.fsdp import apply_ddp, apply_fsdp
 from distrib.parallel.tensor import apply_tp
 
@@ -24,8 +28,14 @@ def parallelize(
     mesh: DeviceMesh,
     parallel: ParallelConfig,
     training: TrainingConfig,
+    device: torch.device | None = None,
 ) -> None:
-    """Parallelize `model` (the whole model or one pipeline stage, still on meta) in place."""
+    """Parallelize `model` (the whole model or one pipeline stage, still on meta) in place.
+
+    `device` is where it will train; only float8 looks at it (None: the current CUDA device).
+    """
+    if training.float8:
+        apply_float8(model, device, tp=dims.tp)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], parallel.loss_parallel)
     apply_ac(model, parallel.activation_checkpoint)

@@ -103,6 +103,23 @@ def test_parse_overrides_forms() -> None:
         (["--model.init_from=/some/folder"], "expected 'hf:/path/to/folder'"),
         (["--parallel.engine=megatron"], "valid: native, deepspeed"),
         (["--checkpoint.keep=-1"], "checkpoint.keep"),
+        (["--training.loss_chunk_tokens=-1"], "loss_chunk_tokens must be >= 0"),
+        (
+            ["--training.loss_chunk_tokens=64", "--parallel.pp=2", "--model.tie_embeddings=false"],
+            "loss_chunk_tokens > 0 needs parallel.tp = 1 and parallel.pp = 1",
+        ),
+        (
+            [
+                "--training.loss_chunk_tokens=64",
+                "--parallel.engine=deepspeed",
+                "--parallel.zero_stage=3",
+            ],
+            "cannot run under DeepSpeed ZeRO-3",
+        ),
+        (
+            ["--training.float8=true", "--parallel.engine=deepspeed"],
+            "float8 = true needs parallel.engine = 'native'",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], match: str) -> None:
@@ -157,3 +174,14 @@ def test_checkpoint_async_alias(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text("[checkpoint]\nasync = true\n")
     assert load_config(toml).checkpoint.async_save
+
+
+def test_float8_without_torchao_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="training.float8 = true needs torchao"):
+        load_config(None, ["--training.float8=true"])
