@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -305,7 +306,9 @@ class DeepSpeedEngine:
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint under {folder / TAG}")
-        saved = torch.load(mine, map_location="cpu", weights_only=False)
+        # weights_only: unpickling may not run code; the RNG entries hold NumPy's state.
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            saved = torch.load(mine, map_location="cpu", weights_only=True)
         _restore_extra(saved, extra, mine)
 
 
@@ -318,6 +321,15 @@ def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
 def _extra_state(extra: Mapping[str, Any]) -> dict[str, Any]:
     """`extra` with Stateful values (the loader) replaced by their state dicts."""
     return {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in extra.items()}
+
+
+def _numpy_rng_globals() -> list[Any]:
+    """What a pickled `np.random.get_state()` needs to load under `weights_only=True`."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # NumPy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # NumPy 1
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _restore_extra(saved: Mapping[str, Any], extra: dict[str, Any], source: Path) -> None:
@@ -404,7 +416,7 @@ def consolidated_weights(folder: Path) -> dict[str, torch.Tensor]:
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG)
     else:  # ZeRO-0: rank 0 saved the whole module
         saved = torch.load(
-            tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+            tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
         )
         state = saved["module"]
     return {clean_name(k): v.float() for k, v in state.items()}

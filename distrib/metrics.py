@@ -190,11 +190,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
-    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float | None) -> None:
-        """Advance the progress bar to `step` with the latest figures."""
+    def progress(
+        self, step: int, loss: float | None, lr: float, tokens_per_s: float | None
+    ) -> None:
+        """Advance the progress bar to `step` with the latest figures (None: none logged yet)."""
         if self._bar is None:
             return
-        post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
+        post = {"lr": f"{lr:.2e}"} if loss is None else {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
         if tokens_per_s is not None:
             post["tok/s"] = f"{tokens_per_s:,.0f}"
         self._bar.set_postfix(post, refresh=False)

@@ -163,7 +163,8 @@ class Trainer:
         self.guard = LossGuard(cfg.training.spike_threshold, cfg.training.spike_window)
         self.stop = StopRequest()
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
-        self._shown: tuple[float, float, float | None] = (math.nan, cfg.training.lr, None)
+        # What the progress bar shows until the first logged step: no loss rather than "nan".
+        self._shown: tuple[float | None, float, float | None] = (None, cfg.training.lr, None)
 
     def extra_state(self) -> dict[str, Any]:
         """What a resumed run needs beside the engine's state to continue exactly."""

@@ -2,7 +2,7 @@
 # Train under torchrun on this node: one node alone, or one node of several.
 #
 #   [NGPU=8] [NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500] \
-#   [CONFIG=configs/llama3_8b.toml] [MAX_RESTARTS=3] launch/train.sh [--section.key=value ...]
+#   [CONFIG=configs/llama3_8b.toml] [MAX_RESTARTS=3] launch/train.sh [--max-restarts N] [--section.key=value ...]
 #
 # Environment (all optional):
 #   NGPU           processes on this node (default: the GPUs nvidia-smi lists, 2 without any)
@@ -30,6 +30,11 @@ CONFIG=${CONFIG:-configs/debug.toml}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+# torchrun's own spelling works too: --max-restarts=N or --max-restarts N, before the overrides.
+case "${1:-}" in
+  --max-restarts=*) MAX_RESTARTS=${1#*=}; shift ;;
+  --max-restarts) MAX_RESTARTS=${2:?--max-restarts needs a number}; shift 2 ;;
+esac
 
 if [ -z "${NGPU:-}" ]; then
   NGPU=0

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from distrib.config import ParallelConfig, TrainingConfig, grad_accum_steps
+from distrib.config import ParallelConfig, TrainingConfig
 from distrib.errors import ConfigError
+from distrib.validation import grad_accum_steps
 
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 

@@ -34,10 +34,11 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor
 
-from distrib.config import ModelConfig, ParallelConfig, split_points
+from distrib.config import ModelConfig, ParallelConfig
 from distrib.engine import causal_lm_loss
 from distrib.models.llama import Transformer
 from distrib.parallel.init import materialize
+from distrib.validation import split_points
 
 # Schedule name -> (torch schedule, how stages are placed on ranks). "single": one stage per rank;
 # "loop": rank r holds stages r, r + pp, r + 2 pp, ... (what torch's interleaved schedules expect).

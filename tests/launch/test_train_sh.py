@@ -84,7 +84,7 @@ def _worker(torchrun_pid: int, local_rank: int) -> int | None:
 
 
 def test_sigkilled_worker_restarts_and_resumes(data_dir: Path, tmp_path: Path, launch) -> None:
-    """MAX_RESTARTS=1: SIGKILL rank 1 mid-run; torchrun restarts both workers, they resume from
+    """--max-restarts 1: SIGKILL rank 1 mid-run; torchrun restarts both workers, they resume from
     the newest checkpoint and reach the last step."""
     run_dir = tmp_path / "run"
     overrides = [
@@ -96,9 +96,14 @@ def test_sigkilled_worker_restarts_and_resumes(data_dir: Path, tmp_path: Path, l
     ]
     job = launch(
         "train",
-        ["bash", "launch/train.sh", *run_args(data_dir, run_dir, *overrides)],
+        [
+            "bash",
+            "launch/train.sh",
+            "--max-restarts",
+            "1",
+            *run_args(data_dir, run_dir, *overrides),
+        ],
         NGPU="2",
-        MAX_RESTARTS="1",
     )
 
     def past_first_checkpoint() -> bool:

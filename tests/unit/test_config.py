@@ -9,12 +9,12 @@ from distrib.config import (
     Config,
     ConfigError,
     from_dict,
-    grad_accum_steps,
     help_lines,
     load_config,
     parse_overrides,
     to_dict,
 )
+from distrib.validation import grad_accum_steps
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
 
