@@ -137,7 +137,14 @@ class ParallelConfig:
         True, "with tp > 1, compute the loss on vocabulary-sharded logits without gathering them"
     )
     activation_checkpoint: str = _f(
-        "none", "recompute activations in backward", ("none", "full", "selective")
+        "none",
+        "recompute activations in backward (memory_budget: the compiler picks, needs compile)",
+        ("none", "full", "selective", "memory_budget"),
+    )
+    activation_memory_budget: float = _f(
+        0.5,
+        "with activation_checkpoint = 'memory_budget': the share (0-1) of a compiled block's "
+        "activations to keep; 0 recomputes all it can (like full), 1 as without checkpointing",
     )
     engine: str = _f("native", "training engine", ("native", "deepspeed"))
     zero_stage: int = _f(2, "deepspeed only: ZeRO stage 0 (DDP), 1, 2 or 3")

@@ -352,7 +352,7 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
     compile applied, then materialized on `device` with the seed's initial values."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    apply_ac(model, cfg.parallel.activation_checkpoint)
+    apply_ac(model, cfg.parallel.activation_checkpoint, cfg.parallel.activation_memory_budget)
     if cfg.training.compile:
         apply_compile(model)
     materialize(model, device, cfg.training.seed)

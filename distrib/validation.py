@@ -141,6 +141,16 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
 
 def _validate_compute(t: TrainingConfig, p: ParallelConfig) -> None:
     _check(
+        0.0 <= p.activation_memory_budget <= 1.0,
+        f"parallel.activation_memory_budget must be in [0, 1] (the share of activations to "
+        f"keep), got {p.activation_memory_budget}",
+    )
+    _check(
+        p.activation_checkpoint != "memory_budget" or t.compile,
+        "parallel.activation_checkpoint = 'memory_budget' needs training.compile = true (the "
+        "compiler chooses what to recompute); set training.compile = true or use 'selective'",
+    )
+    _check(
         t.loss_chunk_tokens >= 0,
         f"training.loss_chunk_tokens must be >= 0, got {t.loss_chunk_tokens}",
     )

@@ -3,6 +3,9 @@
 Each block stays under its key in the ModuleDict, wrapped; the wrapper adds a path segment to
 parameter names (`_checkpoint_wrapped_module.`) that `clean_name` and DCP's state-dict helpers
 strip, so init and checkpoints keep the plain model's names.
+
+"memory_budget" wraps nothing: it sets the compiler's activation memory budget, so that each
+compiled block's partitioner picks what to recompute (it needs `training.compile`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._functorch import config as functorch_config
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     checkpoint_wrapper,
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-AC_MODES = ("none", "full", "selective")
+AC_MODES = ("none", "full", "selective", "memory_budget")
+# torch's own default: the partitioner saves what it would without a budget.
+NO_MEMORY_BUDGET = 1.0
 
 
 def _ops(namespace: Any, names: tuple[str, ...]) -> set[torch._ops.OpOverload]:
@@ -60,12 +66,23 @@ def _selective_context() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(_save_matmuls)
 
 
-def apply_ac(model: nn.Module, mode: str) -> None:
+def apply_ac(model: nn.Module, mode: str, memory_budget: float = 0.5) -> None:
     """Checkpoint every block of `model.layers`: "none", "full" (recompute the whole block in
-    backward) or "selective" (keep matmul and attention outputs, recompute the rest)."""
+    backward), "selective" (keep matmul and attention outputs, recompute the rest) or
+    "memory_budget" (compiled blocks keep `memory_budget`, 0-1, of what they would save
+    without checkpointing; the compiler chooses the cheapest recomputation that fits)."""
     if mode not in AC_MODES:
         raise ValueError(f"unknown activation checkpoint mode '{mode}'; valid: {AC_MODES}")
-    if mode == "none":
+    if not 0.0 <= memory_budget <= 1.0:
+        raise ValueError(f"activation memory budget must be in [0, 1], got {memory_budget}")
+    # A process-wide compiler setting, read when each block's graph is partitioned (its first
+    # call). Every mode sets it, so a model built earlier in the same process with a budget
+    # cannot leak its budget into this one. No torch API scopes it to one module; torchtitan's
+    # memory-budget mode sets the same global.
+    functorch_config.activation_memory_budget = (
+        memory_budget if mode == "memory_budget" else NO_MEMORY_BUDGET
+    )
+    if mode in ("none", "memory_budget"):
         return
     # Non-reentrant checkpointing: it supports keyword arguments, selective contexts, DTensor
     # inputs and torch.compile, and needs no input that requires grad.

@@ -38,7 +38,7 @@ def parallelize(
         apply_float8(model, device, tp=dims.tp)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], parallel.loss_parallel)
-    apply_ac(model, parallel.activation_checkpoint)
+    apply_ac(model, parallel.activation_checkpoint, parallel.activation_memory_budget)
     if training.compile:
         apply_compile(model)
     if dims.dp_shard > 1 or (dims.dp_replicate > 1 and dims.tp > 1):

@@ -6,10 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from distrib.cli import main
 from distrib.config import load_config
 from distrib.metrics import flops_per_token
+from distrib.parallel.activation import apply_ac
 
 from .conftest import TINY_MODEL, records, train
 
@@ -197,4 +199,16 @@ def test_compiled_blocks_train_like_eager(data_dir: Path, tmp_path: Path) -> Non
     assert train(data_dir, eager, "--training.steps=3") == 0
     assert train(data_dir, compiled, "--training.steps=3", "--training.compile=true") == 0
     for a, b in zip(records(compiled), records(eager), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    # The compiler's memory budget (what to recompute is its choice) changes memory, not math.
+    budget = tmp_path / "memory_budget"
+    ac = [
+        "--parallel.activation_checkpoint=memory_budget",
+        "--parallel.activation_memory_budget=0.3",
+    ]
+    try:
+        assert train(data_dir, budget, "--training.steps=3", "--training.compile=true", *ac) == 0
+    finally:
+        apply_ac(nn.Module(), "none")  # torch's default budget again for the rest of the process
+    for a, b in zip(records(budget), records(eager), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

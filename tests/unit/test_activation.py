@@ -123,3 +123,56 @@ def test_compile_matches_eager(ac: str) -> None:
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _saved_bytes_and_grads(memory_budget: float) -> tuple[int, Tensor, dict[str, Tensor]]:
+    """Bytes the compiled blocks save for backward under `memory_budget`, with loss and grads.
+    aot_eager_decomp_partition: the min-cut partitioner that reads the budget, without
+    Inductor's C++ build."""
+    torch._dynamo.reset()  # each budget partitions afresh
+    model = _model("sdpa")
+    apply_ac(model, "memory_budget", memory_budget)
+    apply_compile(model, backend="aot_eager_decomp_partition")
+    saved: list[int] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x, y, doc_ids = _batch()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = causal_lm_loss(model(x, doc_ids), y)
+    loss.backward()
+    return sum(saved), loss.detach(), {clean_name(n): p.grad for n, p in model.named_parameters()}
+
+
+def test_memory_budget_saves_less_as_the_budget_falls_with_the_same_gradients() -> None:
+    ref_loss, ref_grads = _loss_and_grads(_model("sdpa"))
+    try:
+        results = {b: _saved_bytes_and_grads(b) for b in (1.0, 0.5, 0.0)}
+    finally:
+        apply_ac(_model(), "none")  # back to torch's default budget for the tests after this
+        torch._dynamo.reset()
+    saved = {b: r[0] for b, r in results.items()}
+    assert saved[1.0] > saved[0.5] > saved[0.0], saved
+    for _, loss, grads in results.values():
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_memory_budget_wraps_nothing_and_other_modes_reset_the_budget() -> None:
+    from torch._functorch import config as functorch_config
+
+    model = _model()
+    blocks = list(model.layers.values())
+    try:
+        apply_ac(model, "memory_budget", 0.25)
+        assert list(model.layers.values()) == blocks
+        assert functorch_config.activation_memory_budget == 0.25
+        apply_ac(_model(), "selective")
+        assert functorch_config.activation_memory_budget == 1.0
+        with pytest.raises(ValueError, match=r"in \[0, 1\], got 2.0"):
+            apply_ac(_model(), "memory_budget", 2.0)
+    finally:
+        apply_ac(_model(), "none")

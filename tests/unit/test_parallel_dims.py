@@ -51,6 +51,11 @@ def test_batch_must_split_over_data_parallel_ranks_and_pipeline() -> None:
         (["--parallel.tp=-1", "--parallel.pp=-1"], "at most one"),
         (["--parallel.dp_shard=0"], "positive or -1"),
         (["--parallel.activation_checkpoint=some"], "valid: none, full, selective"),
+        (["--parallel.activation_checkpoint=memory_budget"], "needs training.compile = true"),
+        (
+            ["--parallel.activation_memory_budget=1.5"],
+            r"activation_memory_budget must be in \[0, 1\]",
+        ),
     ],
 )
 def test_bad_layouts(overrides: list[str], match: str) -> None:
