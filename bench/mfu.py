@@ -349,6 +349,12 @@ def target(preset: str, device: torch.device, name: str, best: dict[str, Any] | 
 # --- main --------------------------------------------------------------------------------------
 
 
+def result_kind(preset: str) -> str:
+    """The JSON's name stem: `mfu` for the debug preset (the file the GPU-over-CPU speed-up is
+    read from), `mfu-<preset>` for the others, so two presets run on one day keep both files."""
+    return "mfu" if preset == "debug" else f"mfu-{preset}"
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     # No abbreviations: `--section.key=value` overrides pass through untouched.
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
@@ -460,8 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, t in record["targets"].items():
         verdict = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
         print(f"{name}: {verdict} (best MFU {t['mfu']})")
+    if best:
+        print("best setting as config keys: " + " ".join(Setting(**best["setting"]).overrides()))
     if not args.no_write:
-        print(f"wrote {write_result('mfu', device, record)}")
+        print(f"wrote {write_result(result_kind(args.preset), device, record)}")
     return 0
 
 

@@ -17,17 +17,22 @@ from typing import Any
 
 from distrib.models.attention import resolve_backend
 
-# Axis -> config key. The plan varies them in this order: the compute axes first, then the
-# memory axes, so that the micro-batch is chosen under the checkpointing that made it fit.
+# Axis -> config key, in the order the plan varies them: what moves tokens/s most first, so a
+# time budget that cuts the plan short cuts the rest. The chunked loss comes before the
+# micro-batch because the memory it frees can let a larger micro-batch fit; a micro-batch that
+# does not fit is retried under more checkpointing (AC_LEVELS), so checkpointing as an axis of
+# its own, which only costs compute where memory suffices, can come last.
 AXES = {
     "compile": "training.compile",
-    "attention": "model.attention",
     "loss_chunk_tokens": "training.loss_chunk_tokens",
-    "float8": "training.float8",
-    "activation_checkpoint": "parallel.activation_checkpoint",
     "micro_batch_size": "training.micro_batch_size",
+    "float8": "training.float8",
+    "attention": "model.attention",
+    "activation_checkpoint": "parallel.activation_checkpoint",
 }
+# The out-of-memory ladder, least recomputation first.
 AC_LEVELS = ("none", "selective", "full")
+AC_VALUES = (*AC_LEVELS, "memory_budget")  # memory_budget: the config's default budget
 
 
 @dataclass(frozen=True)
@@ -104,8 +109,12 @@ def value_reason(axis: str, value: Any, ctx: Context) -> str | None:
 
 
 def skip_reason(setting: Setting, ctx: Context) -> str | None:
+    """Why `setting` cannot run in `ctx`: one of its values, or two that do not combine."""
     reasons = (value_reason(a, getattr(setting, a), ctx) for a in AXES)
-    return next((r for r in reasons if r), None)
+    reason = next((r for r in reasons if r), None)
+    if reason is None and setting.activation_checkpoint == "memory_budget" and not setting.compile:
+        reason = "activation_checkpoint = memory_budget needs compile (the compiler picks)"
+    return reason
 
 
 @dataclass
@@ -127,7 +136,7 @@ def axis_values(mbs: list[int], chunk: int, axes: list[str]) -> dict[str, list[A
         "attention": ["sdpa", "eager", "flash"],
         "loss_chunk_tokens": [0, chunk],
         "float8": [False, True],
-        "activation_checkpoint": list(AC_LEVELS),
+        "activation_checkpoint": list(AC_VALUES),
         "micro_batch_size": mbs,
     }
     return {a: v if a in axes else v[:1] for a, v in values.items()}
@@ -190,8 +199,9 @@ def run_plan(plan: list[Stage], ctx: Context, measure: Measure) -> list[dict[str
                 row = attempt(setting, stage.name)
                 if stage.axis != "micro_batch_size":
                     continue
-                level = AC_LEVELS.index(setting.activation_checkpoint)
-                for ac in AC_LEVELS[level + 1 :]:
+                # The ladder goes on from the setting's own level (memory_budget: to full).
+                level = AC_VALUES.index(setting.activation_checkpoint)
+                for ac in AC_LEVELS[min(level, len(AC_LEVELS) - 1) + 1 :]:
                     if row is None or row["status"] != "oom":
                         break
                     setting = dataclasses.replace(setting, activation_checkpoint=ac)

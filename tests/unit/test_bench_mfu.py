@@ -32,9 +32,12 @@ def test_default_plan_is_baseline_then_one_axis_at_a_time_then_best() -> None:
         "attention": ["eager", "flash"],
         "loss_chunk_tokens": [1024],
         "float8": [True],
-        "activation_checkpoint": ["selective", "full"],
+        "activation_checkpoint": ["selective", "full", "memory_budget"],
         "micro_batch_size": [16],
     }
+    # What moves tokens/s most first: a budget that cuts the plan short cuts checkpointing.
+    assert list(mfu.AXES)[:3] == ["compile", "loss_chunk_tokens", "micro_batch_size"]
+    assert list(mfu.AXES)[-1] == "activation_checkpoint"
 
 
 def test_cpu_skips_flash_and_float8_with_reasons() -> None:
@@ -43,6 +46,12 @@ def test_cpu_skips_flash_and_float8_with_reasons() -> None:
     assert set(skipped) == {"attention", "float8"}
     assert "CUDA" in skipped["attention"]["flash"]
     assert "CUDA" in skipped["float8"]["True"]
+
+
+def test_memory_budget_without_compile_is_skipped() -> None:
+    eager = mfu.Setting(activation_checkpoint="memory_budget")
+    assert "needs compile" in mfu_plan.skip_reason(eager, CPU)
+    assert mfu_plan.skip_reason(dataclasses.replace(eager, compile=True), CPU) is None
 
 
 def test_reasons_on_cuda() -> None:
@@ -57,7 +66,7 @@ def test_reasons_on_cuda() -> None:
 def test_axes_restrict_the_plan_and_full_is_the_product() -> None:
     assert [s.name for s in plan(axes=["compile"])] == ["baseline", "compile", "best"]
     (full,) = plan(full=True)
-    assert len(full.settings) == 2 * 3 * 2 * 2 * 3 * 2
+    assert len(full.settings) == 2 * 3 * 2 * 2 * 4 * 2
 
 
 def fake_measure(tokens: dict[str, float], oom: set[mfu.Setting]) -> tuple[Any, list]:
@@ -77,6 +86,7 @@ def fake_measure(tokens: dict[str, float], oom: set[mfu.Setting]) -> tuple[Any, 
 
 def test_greedy_walk_keeps_the_best_and_retries_oom_under_checkpointing() -> None:
     gains = {"True": 100.0, "eager": -50.0, "16": 300.0, "selective": -10.0, "full": -20.0}
+    gains["memory_budget"] = -15.0
     big = mfu.Setting(compile=True, micro_batch_size=16)
     measure, calls = fake_measure(gains, oom={big})
     rows = mfu.run_plan(plan(), CPU, measure)
@@ -141,3 +151,41 @@ def test_speedup_over_cpu_matches_rows_by_setting() -> None:
     assert [s["speedup"] for s in out["per_setting"]] == [10.0]
     assert out["best_over_best"] == 19.0
     assert mfu.rerun_ratio(gpu) == 0.95
+
+
+def test_each_preset_writes_its_own_result_file() -> None:
+    # The GPU-over-CPU comparison reads `mfu-cpu-*`; a 1b run the same day must not overwrite
+    # the debug preset's file.
+    assert mfu.result_kind("debug") == "mfu"
+    assert mfu.result_kind("1b") == "mfu-1b"
+
+
+RUN_GPU = ROOT / "bench" / "run_gpu.sh"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--deadline-s", "60"], "--deadline-s must be a whole number of seconds >= 240"),
+        (["--budget", "1"], "unknown argument '--budget'"),
+        ([], "needs a CUDA GPU: torch.cuda.is_available() is False"),
+    ],
+)
+def test_run_gpu_refuses_bad_arguments_and_a_machine_without_cuda(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available() and not args:
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run(
+        ["bash", str(RUN_GPU), "--python", sys.executable, "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert not list(tmp_path.glob("*.json"))

@@ -60,3 +60,29 @@ def test_checkpointed_block_compiles_without_graph_breaks(mode: str, with_doc_id
     apply_ac(model, mode)
     x_BLD, doc_ids_BL = _inputs(cfg.dim, with_doc_ids)
     _assert_one_graph(model.layers["0"], x_BLD, model.rope_cos, model.rope_sin, doc_ids_BL)
+
+
+@pytest.mark.parametrize("with_doc_ids", [False, True], ids=["causal", "doc_ids"])
+def test_block_with_pinned_sdpa_kernels_compiles_without_graph_breaks(
+    with_doc_ids: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the sdpa backend runs under `sdpa_kernel(...)`; off CUDA nothing is pinned, so
+    the case above never enters that context manager. Pin here to kernels the CPU has, so the
+    context manager itself is traced: it must not split the block's graph either."""
+    from torch.nn.attention import SDPBackend
+
+    from distrib.models import attention as attn_mod
+
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    monkeypatch.setattr(attn_mod, "sdpa_kernels", lambda *args: kernels)
+    monkeypatch.setattr(attn_mod, "_PLANS", {})
+    cfg = tiny_config(attention="sdpa")
+    torch.manual_seed(0)
+    block = TransformerBlock(cfg)
+    cos_PK, sin_PK = rope_cache(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+    x_BLD, doc_ids_BL = _inputs(cfg.dim, with_doc_ids)
+    expected = block(x_BLD, cos_PK, sin_PK, doc_ids_BL)
+    assert attn_mod._PLANS and all(p.kernels == tuple(kernels) for p in attn_mod._PLANS.values())
+    _assert_one_graph(block, x_BLD, cos_PK, sin_PK, doc_ids_BL)
+    compiled = torch.compile(block)(x_BLD, cos_PK, sin_PK, doc_ids_BL)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
