@@ -189,3 +189,15 @@ def test_run_gpu_refuses_bad_arguments_and_a_machine_without_cuda(
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_every_gpu_test_lives_where_run_gpu_looks() -> None:
+    # bench/run_gpu.sh runs `pytest -m gpu tests/gpu`: a GPU test elsewhere would never run.
+    marker = "pytest.mark." + "gpu"  # spelled in two parts, so this file does not match
+    outside = [
+        path.relative_to(ROOT)
+        for path in (ROOT / "tests").rglob("test_*.py")
+        if marker in path.read_text() and path.parent.name != "gpu"
+    ]
+    assert outside == []
+    assert "pytest -m gpu tests/gpu" in RUN_GPU.read_text()
