@@ -199,9 +199,7 @@ def run_plan(plan: list[Stage], ctx: Context, measure: Measure) -> list[dict[str
                 row = attempt(setting, stage.name)
                 if stage.axis != "micro_batch_size":
                     continue
-                # The ladder goes on from the setting's own level (memory_budget: to full).
-                level = AC_VALUES.index(setting.activation_checkpoint)
-                for ac in AC_LEVELS[min(level, len(AC_LEVELS) - 1) + 1 :]:
+                for ac in ac_ladder_after(setting.activation_checkpoint):
                     if row is None or row["status"] != "oom":
                         break
                     setting = dataclasses.replace(setting, activation_checkpoint=ac)
@@ -209,6 +207,14 @@ def run_plan(plan: list[Stage], ctx: Context, measure: Measure) -> list[dict[str
         elif stage.name == "best" and best:
             attempt(base, "best")
     return rows
+
+
+def ac_ladder_after(ac: str) -> tuple[str, ...]:
+    """The checkpointing levels an out-of-memory setting is retried under, after `ac`: the
+    next ones of AC_LEVELS; after memory_budget (between selective and full), full."""
+    if ac not in AC_LEVELS:
+        return AC_LEVELS[-1:]
+    return AC_LEVELS[AC_LEVELS.index(ac) + 1 :]
 
 
 def skipped_row(setting: Setting, stage: str, reason: str) -> dict[str, Any]:

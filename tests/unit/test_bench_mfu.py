@@ -48,6 +48,13 @@ def test_cpu_skips_flash_and_float8_with_reasons() -> None:
     assert "CUDA" in skipped["float8"]["True"]
 
 
+def test_out_of_memory_ladder_ends_at_full() -> None:
+    assert mfu_plan.ac_ladder_after("none") == ("selective", "full")
+    assert mfu_plan.ac_ladder_after("selective") == ("full",)
+    assert mfu_plan.ac_ladder_after("memory_budget") == ("full",)
+    assert mfu_plan.ac_ladder_after("full") == ()
+
+
 def test_memory_budget_without_compile_is_skipped() -> None:
     eager = mfu.Setting(activation_checkpoint="memory_budget")
     assert "needs compile" in mfu_plan.skip_reason(eager, CPU)
