@@ -12,7 +12,7 @@ SHA-256 of every file), then the rename into place.
 Modes alternate over `--repeats`; medians are reported. Target: async stall <= 1/5 of the
 synchronous save.
 
-    python bench/checkpoint.py [--repeats 3] [--dir /path/on/the/disk/to/test]
+    python -m bench.checkpoint [--repeats 3] [--dir /path/on/the/disk/to/test]
                                [--section.key=value ...]
 """
 
@@ -28,16 +28,13 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python bench/checkpoint.py`
-
-from bench.common import environment, summarize, table, write_result  # noqa: E402
-from distrib import checkpoint as ckpt  # noqa: E402
-from distrib.config import CheckpointConfig, load_config, to_dict  # noqa: E402
-from distrib.data.loader import Batch  # noqa: E402
-from distrib.engine import NativeEngine  # noqa: E402
-from distrib.models.llama import num_params  # noqa: E402
-from distrib.trainer import build_model  # noqa: E402
+from bench.common import environment, summarize, table, write_result
+from distrib import checkpoint as ckpt
+from distrib.config import CheckpointConfig, load_config, to_dict
+from distrib.data.loader import Batch
+from distrib.engines.native import NativeEngine
+from distrib.models.build import build_model
+from distrib.models.transformer import num_params
 
 TARGET_RATIO = 0.2  # async stall / sync save
 MODEL = [
@@ -68,7 +65,7 @@ def save_once(
 ) -> dict[str, float]:
     """One save as the trainer makes it; the checkpointer lives across saves, as in a run (its
     staging buffers are reused)."""
-    state = {**engine.state(), "step": step}
+    state = {**engine.checkpoint_state(), "step": step}
     start = time.perf_counter()
     path = checkpointer.save(step, state, background=background)
     stall = time.perf_counter() - start

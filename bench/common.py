@@ -64,7 +64,12 @@ def device_slug(device: torch.device) -> str:
     """`cpu`, or the GPU's name in lower case with dashes (`nvidia-h100-80gb-hbm3`)."""
     if device.type != "cuda":
         return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return name_slug(device_name(device))
+
+
+def name_slug(name: str) -> str:
+    """A device name in lower case with dashes: `NVIDIA H100 NVL` -> `nvidia-h100-nvl`."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import gc
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python bench/throughput.py`
-
-from bench.common import stamp, sync  # noqa: E402
-from distrib.config import Config  # noqa: E402
-from distrib.data.shards import MANIFEST_FILE  # noqa: E402
-from distrib.models.attention import resolve_backend  # noqa: E402
-from distrib.models.hf import hf_config, to_hf_state_dict  # noqa: E402
-from distrib.runtime import Runtime  # noqa: E402
-from distrib.trainer import Trainer, build_model  # noqa: E402
+from bench.common import stamp, sync
+from distrib.config import Config
+from distrib.data.shards import MANIFEST_FILE
+from distrib.models.attention import resolve_backend
+from distrib.models.build import build_model
+from distrib.models.hf import hf_config, to_hf_state_dict
+from distrib.runtime import Runtime
+from distrib.train.trainer import Trainer
 
 # A step during which other processes used more than this share of one core is "disturbed".
 FOREIGN_MAX = 0.05

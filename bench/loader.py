@@ -9,7 +9,7 @@ until `--seconds` or `--max-steps`, interleaved over `--repeats`; medians are re
 Training's consumption is the distrib figure of the newest bench/results throughput JSON for this
 device kind, else a few distrib steps measured here. Target: loader >= 50x training.
 
-    python bench/loader.py [--config C] [--seconds 4 --max-steps 5000 --repeats 3]
+    python -m bench.loader [--config C] [--seconds 4 --max-steps 5000 --repeats 3]
                            [--section.key=value ...]
 """
 
@@ -23,17 +23,16 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python bench/loader.py`
+from bench.common import environment, latest_result, summarize, table, write_result
+from distrib.config import Config, load_config, to_dict
+from distrib.data.loader import TokenLoader, document_ids
+from distrib.data.prepare import prepare_dataset
+from distrib.data.shards import MANIFEST_FILE, TokenShards
+from distrib.errors import ConfigError
+from distrib.runtime import Runtime, init_runtime
+from distrib.train.trainer import Trainer
 
-from bench.common import environment, latest_result, summarize, table, write_result  # noqa: E402
-from distrib.config import Config, load_config, to_dict  # noqa: E402
-from distrib.data.loader import TokenLoader, document_ids  # noqa: E402
-from distrib.data.prepare import prepare_dataset  # noqa: E402
-from distrib.data.shards import MANIFEST_FILE, TokenShards  # noqa: E402
-from distrib.errors import ConfigError  # noqa: E402
-from distrib.runtime import Runtime, init_runtime  # noqa: E402
-from distrib.trainer import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TARGET_RATIO = 50.0  # the loader must outpace training by this factor
 

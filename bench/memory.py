@@ -1,7 +1,7 @@
 """Per-rank memory of each parallel layout: parameters, gradients, optimizer state and peak.
 
-    python bench/memory.py                    # every layout that fits this machine's process count
-    python bench/memory.py --layouts dp_shard=2 tp=2
+    python -m bench.memory                    # every layout that fits this machine's process count
+    python -m bench.memory --layouts dp_shard=2 tp=2
 
 Each layout runs under `torchrun --standalone`; every rank builds the engine exactly as
 `distrib train` does (`build_engine`), takes a micro-batch's backward to measure its gradients,
@@ -34,17 +34,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from bench.common import environment, table, write_result
+from distrib.config import load_config
+from distrib.data.loader import Batch
+from distrib.engines.build import build_engine
+from distrib.runtime import Runtime, detect_launch, init_runtime, shutdown
+from distrib.train.metrics import memory_gb
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from common import environment, table, write_result  # noqa: E402
-
-from distrib.config import load_config  # noqa: E402
-from distrib.data.loader import Batch  # noqa: E402
-from distrib.metrics import memory_gb  # noqa: E402
-from distrib.runtime import Runtime, detect_launch, init_runtime, shutdown  # noqa: E402
-from distrib.trainer import build_engine  # noqa: E402
 
 # The debug model's shapes, untied so every layout applies.
 MODEL = [
@@ -93,7 +90,7 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
 
 def _native(engine: Any, batch: Batch) -> dict[str, float | None]:
     params = [p for part in engine.parts for p in part.parameters()]
-    engine._micro_step(batch, 1.0, False)  # noqa: SLF001 - one backward, to see the gradients
+    engine._micro_step(batch, 1.0)  # noqa: SLF001 - one backward, to see the gradients
     grads = _bytes([p.grad for p in params if p.grad is not None])
     for opt in engine.optimizers:
         opt.zero_grad(set_to_none=True)
@@ -168,7 +165,7 @@ def worker(overrides: list[str], out: str) -> None:
 def run_layout(name: str, nproc: int, overrides: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        args = [__file__, "--worker", "--out", str(out), "--", *overrides]
+        args = ["-m", "bench.memory", "--worker", "--out", str(out), "--", *overrides]
         launcher = (
             [
                 sys.executable,
@@ -180,7 +177,8 @@ def run_layout(name: str, nproc: int, overrides: list[str]) -> list[dict]:
             if nproc > 1
             else [sys.executable]
         )
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
         done = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"layout {name} failed:\n{done.stderr[-3000:]}")

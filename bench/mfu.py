@@ -1,20 +1,24 @@
 """Throughput and MFU of distrib's training step over a matrix of settings.
 
 Each setting is a set of config overrides (compile, attention backend, activation checkpointing,
-micro-batch, chunked loss, float8) and runs in a fresh process: `Trainer(cfg, init_runtime())` as
-`distrib train` builds it, `--warmup` untimed steps of `engine.train_step(train_loader.next_step())`
-(compilation happens there), then `--steps` timed steps. Per setting it reports tokens/s from the
-median step time, TFLOP/s and MFU (`distrib.metrics.flops_per_token`, attention included, over
-`peak_tflops`), and peak memory (CUDA max allocated; peak RSS on a CPU).
+micro-batch, chunked loss, float8) and runs in a fresh process (`bench/mfu_worker.py`):
+`Trainer(cfg, init_runtime())` as `distrib train` builds it, `--warmup` untimed steps of
+`engine.train_step(train_loader.next_step())` (compilation happens there), then `--steps` timed
+steps. Per setting it reports tokens/s from the median step time, TFLOP/s and MFU
+(`distrib.train.metrics.flops_per_token`, attention included, over `peak_tflops`), and peak
+memory (CUDA max allocated; peak RSS on a CPU). The tokens are synthetic (uniform random, written
+with distrib's shard writer), so no prepared dataset is needed.
 
-The default plan is greedy, not the cartesian product: a baseline (the first value of every
-axis), then one axis at a time varied from the best setting so far, then the best setting run
-again in a fresh process as the figure to quote. `--full` runs the whole product instead.
+The default plan (`bench/mfu_plan.py`) tries the likeliest winner first, then varies one axis at
+a time from the best setting so far, measures the baseline, and runs the best setting again in a
+fresh process as the figure to quote. `--full` runs the whole product instead. The JSON is
+rewritten after every row; the MFU verdict is `incomplete` unless every planned row ran.
 
-    python bench/mfu.py                                   # debug preset (CPU or GPU)
-    python bench/mfu.py --preset 1b                       # ~1B Llama, bf16, synthetic tokens
-    python bench/mfu.py --preset 1b --micro-batch-sizes 2,4,8 --full
-    python bench/mfu.py --axes compile,attention --steps 5 --warmup 2
+    python -m bench.mfu                                   # debug preset (CPU or GPU)
+    python -m bench.mfu --preset 1b                       # ~1B Llama, bf16, synthetic tokens
+    python -m bench.mfu --preset 1b --deadline-s 400 --out /tmp/gpu-results
+    python -m bench.mfu --preset 1b --micro-batch-sizes 2,4,8 --full
+    python -m bench.mfu --axes compile,attention --steps 5 --warmup 2
 
 Legend: B batch, L sequence (seq_len), G global batch (sequences per step).
 """
@@ -23,45 +27,50 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import itertools
+import datetime
 import json
 import shutil
-import statistics
-import subprocess
+import signal
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python bench/mfu.py`
-
-from bench.common import environment, latest_result, now, stamp, table, write_result  # noqa: E402
-from bench.contenders import FOREIGN_MAX, Run  # noqa: E402
-from bench.mfu_plan import (  # noqa: E402
+from bench.common import RESULTS_DIR, environment, latest_result, name_slug
+from bench.contenders import FOREIGN_MAX
+from bench.mfu_plan import (
     AXES,
+    CUDNN_BACKEND,
     Context,
-    Measure,
     Setting,
+    Stage,
     axis_values,
-    best_row,
     build_plan,
     run_plan,
 )
-from bench.throughput import ensure_data  # noqa: E402
-from distrib.config import Config, load_config, to_dict  # noqa: E402
-from distrib.errors import ConfigError  # noqa: E402
-from distrib.metrics import flops_per_token, memory_stats, peak_tflops  # noqa: E402
-from distrib.models.attention import resolve_backend  # noqa: E402
+from bench.mfu_report import (
+    print_table,
+    quoted_best,
+    rerun_ratio,
+    speedup_over_cpu,
+    target,
+    verdict_line,
+)
+from bench.mfu_run import (
+    COLD_COMPILE_S,
+    Limits,
+    measure_in_subprocess,
+    probe_environment,
+    write_json,
+)
+from bench.throughput import write_synthetic
+from distrib.config import Config, load_config, to_dict
+from distrib.errors import ConfigError
 
-TARGET_MFU = 0.55  # the issue's goal: the 1b preset on one H100
-TARGET_NAME = "MFU >= 55% (1b preset, one H100)"
+ROOT = Path(__file__).resolve().parent.parent
 
 # ~1B Llama on synthetic tokens: 16 heads of 128, 8 KV heads, 32k vocabulary, seq 4096, bf16.
 PRESET_1B = [
@@ -87,272 +96,96 @@ PRESETS = {
     },
 }
 
-# --- one setting, in a fresh process -----------------------------------------------------------
-
-
-def is_oom(err: BaseException | None) -> bool:
-    """An out-of-memory error, also when wrapped (compile wraps what its graphs raise)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def step_seconds(device: torch.device, step: Callable[[], Any], steps: int) -> dict[str, Any]:
-    """Time `steps` steps. On CUDA: an event after every step and one synchronization at each
-    end of the window, so the queue of kernels never drains mid-window. On a CPU: the clock
-    after every step, with the CPU that other processes used meanwhile."""
-    losses = []
-    if device.type == "cuda":
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        start = now(device)
-        events[0].record()
-        for i in range(steps):
-            losses.append(step())
-            events[i + 1].record()
-        window = now(device) - start
-        per_step = [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:], strict=False)]
-        return {"step_s": per_step, "clean_step_s": per_step, "window_s": window, "losses": losses}
-    marks = [stamp(device)]
-    for _ in range(steps):
-        losses.append(step())
-        marks.append(stamp(device))
-    run = Run(marks, [])
-    return {
-        "step_s": run.step_seconds,
-        "clean_step_s": run.clean_step_seconds(),
-        "foreign_cpu_share": run.foreign_share,
-        "window_s": run.seconds,
-        "losses": losses,
-    }
-
-
-def measure_here(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
-    """Build the trainer, warm up, time; the row's figures (raises on failure)."""
-    from distrib.runtime import init_runtime
-    from distrib.trainer import Trainer
-
-    runtime = init_runtime()
-    device = runtime.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, runtime)
-    engine, loader = trainer.engine, trainer.train_loader
-    t1 = now(device)
-
-    def step() -> torch.Tensor:
-        return engine.train_step(loader.next_step()).loss
-
-    for _ in range(warmup):  # the first step compiles, when compile is on
-        step()
-    t2 = now(device)
-    timing = step_seconds(device, step, steps)
-    clean = timing["clean_step_s"]
-    median = statistics.median(clean if len(clean) >= 3 else timing["step_s"])
-    tokens = cfg.training.global_batch_size * cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = peak_tflops(device, cfg.training.dtype, cfg.metrics.peak_tflops)
-    tok_s = tokens / median
-    tflops = tok_s * fpt / 1e12
-    models = [m for part in getattr(engine, "parts", []) for m in part.modules()]
-    return {
-        "status": "ok",
-        "tokens_per_s": tok_s,
-        "tokens_per_s_whole_window": steps * tokens / timing["window_s"],
-        "step_ms_median": 1e3 * median,
-        "tflops": tflops,
-        "mfu": tflops / peak if peak else None,
-        "peak_tflops": peak,
-        "flops_per_token": fpt,
-        "tokens_per_step": tokens,
-        "build_s": t1 - t0,
-        "warmup_s": t2 - t1,
-        "undisturbed_steps": len(clean),
-        "losses": [float(x) for x in timing.pop("losses")],
-        "attention_ran": resolve_backend(cfg.model.attention, device.type),
-        # torchao swaps nn.Linear for Float8Linear: 0 means float8 was not applied.
-        "float8_modules": sum("float8" in type(m).__name__.lower() for m in models),
-        **memory_stats(device),
-        **timing,
-        "environment": environment(device),
-    }
-
-
-def worker(out: Path, config: str, overrides: list[str], warmup: int, steps: int) -> int:
-    """Measure one setting and write its row to `out`; an OOM or error is a row too."""
-    try:
-        cfg = load_config(config, overrides)
-        row = measure_here(cfg, warmup, steps)
-    except Exception as err:  # noqa: BLE001 - every failure is a result of this setting
-        oom = is_oom(err)
-        row = {"status": "oom" if oom else "error", "reason": f"{type(err).__name__}: {err}"[:2000]}
-        if not oom:
-            row["traceback"] = traceback.format_exc()[-4000:]
-        if torch.cuda.is_available():
-            row["memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    out.write_text(json.dumps(row) + "\n")
-    gc.collect()
-    return 0
-
-
-def measure_in_subprocess(args: argparse.Namespace, base: list[str], tmp: Path) -> Measure:
-    """A `Measure` that runs each setting as `python bench/mfu.py --worker ...`."""
-    start = time.perf_counter()
-    count = itertools.count()
-
-    def measure(setting: Setting, stage: str) -> dict[str, Any]:
-        head = {"stage": stage, "setting": dataclasses.asdict(setting), "setting_obj": setting}
-        if args.budget_s and time.perf_counter() - start > args.budget_s:
-            return head | {"status": "not_run", "reason": f"--budget-s {args.budget_s} spent"}
-        i = next(count)
-        out = tmp / f"row-{i}.json"
-        flags = [f"--config={args.config_path}", f"--warmup={args.warmup}"]
-        flags += [f"--steps={args.steps}", f"--threads={args.threads}"]
-        run_dir = f"--job.run_dir={tmp / f'run-{i}'}"
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            f"--worker={out}",
-            *flags,
-            *base,
-            run_dir,
-        ]
-        cmd += setting.overrides()
-        print(f"[{stage}] {setting.label()}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.setting_timeout)
-        except subprocess.TimeoutExpired:
-            return head | {"status": "timeout", "reason": f"over {args.setting_timeout} s"}
-        if not out.is_file():  # killed, e.g. by the host's OOM killer (rc -9)
-            tail = (proc.stderr or proc.stdout)[-1500:]
-            return head | {"status": "error", "reason": f"worker exited {proc.returncode}: {tail}"}
-        row = head | json.loads(out.read_text()) | {"process_s": time.perf_counter() - t0}
-        shown = f"{row['tokens_per_s']:,.0f} tokens/s" if row["status"] == "ok" else row["reason"]
-        print(f"    {row['status']}: {shown[:300]}", flush=True)
-        return row
-
-    return measure
-
-
-# --- report ------------------------------------------------------------------------------------
-
-
-def fmt(row: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
-    value = row.get(key)
-    return "-" if value is None else format(scale * value, spec)
-
-
-def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
-    header = [
-        "stage",
-        "compile",
-        "attn",
-        "chunk",
-        "fp8",
-        "AC",
-        "mb",
-        "status",
-        "tokens/s",
-        "step ms",
-        "TFLOP/s",
-        "MFU",
-        "mem GB" if cuda else "RSS GB",
-    ]
-    lines = [header]
-    for r in rows:
-        cells = Setting(**r["setting"]).cells()
-        ok = r["status"] == "ok"
-        mem = r.get("memory_gb") if ok or cuda else None
-        lines.append(
-            [
-                r["stage"],
-                *cells,
-                r["status"],
-                fmt(r, "tokens_per_s", ",.0f") if ok else "-",
-                fmt(r, "step_ms_median", ".1f") if ok else "-",
-                fmt(r, "tflops", ".3g") if ok else "-",
-                fmt(r, "mfu", ".1f", 100) + ("%" if r.get("mfu") else "") if ok else "-",
-                "-" if mem is None else f"{mem:.2f}",
-            ]
-        )
-    print(table(lines))
-    for r in rows:
-        if r["status"] not in ("ok",):
-            print(
-                f"  {r['stage']} {Setting(**r['setting']).label()}: {r['status']}: "
-                f"{r.get('reason', '')[:300]}"
-            )
-
-
-def speedup_over_cpu(rows: list[dict[str, Any]], cpu: dict[str, Any]) -> dict[str, Any]:
-    """Tokens/s of each GPU row over the CPU row of the same setting, and best over best."""
-    cpu_rows = {
-        json.dumps(r["setting"], sort_keys=True): r
-        for r in cpu["rows"]
-        if r["status"] == "ok" and r["stage"] != "best"
-    }
-    per = []
-    for r in rows:
-        c = cpu_rows.get(json.dumps(r["setting"], sort_keys=True))
-        if r["status"] == "ok" and c and r["stage"] != "best":
-            per.append(
-                {
-                    "setting": r["setting"],
-                    "gpu_tokens_per_s": r["tokens_per_s"],
-                    "cpu_tokens_per_s": c["tokens_per_s"],
-                    "speedup": r["tokens_per_s"] / c["tokens_per_s"],
-                }
-            )
-    gpu_best, cpu_best = quoted_best(rows), cpu.get("best")
-    best = None
-    if gpu_best and cpu_best:
-        best = gpu_best["tokens_per_s"] / cpu_best["tokens_per_s"]
-    return {"per_setting": per, "best_over_best": best}
-
-
-def rerun_ratio(rows: list[dict[str, Any]]) -> float | None:
-    """The best setting's re-run over its first run: how far the same setting moves between
-    two fresh processes, i.e. the noise that differences between rows must exceed."""
-    again, first = quoted_best(rows), best_row(rows)
-    if again is None or first is None or again["stage"] != "best":
-        return None
-    return again["tokens_per_s"] / first["tokens_per_s"]
-
-
-def quoted_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The figure to quote: the best setting's fresh re-run (no winner's curse from picking
-    the maximum of noisy rows), or the best row where that re-run did not happen."""
-    again = [r for r in rows if r["stage"] == "best" and r["status"] == "ok"]
-    return again[-1] if again else best_row(rows)
-
-
-def target(preset: str, device: torch.device, name: str, best: dict[str, Any] | None) -> dict:
-    applies = preset == "1b" and device.type == "cuda"
-    mfu = best.get("mfu") if best else None
-    return {
-        TARGET_NAME: {
-            "threshold": TARGET_MFU,
-            "mfu": mfu,
-            "applicable": applies,
-            "on_h100": "H100" in name,
-            "pass": (mfu is not None and mfu >= TARGET_MFU) if applies else None,
-            "note": None if applies else "only the 1b preset on a CUDA GPU is judged",
-        }
-    }
-
-
-# --- main --------------------------------------------------------------------------------------
+# --- the result file ---------------------------------------------------------------------------
 
 
 def result_kind(preset: str) -> str:
     """The JSON's name stem: `mfu` for the debug preset (the file the GPU-over-CPU speed-up is
     read from), `mfu-<preset>` for the others, so two presets run on one day keep both files."""
     return "mfu" if preset == "debug" else f"mfu-{preset}"
+
+
+def result_paths(args: argparse.Namespace, env: dict[str, Any]) -> list[Path]:
+    """Where the JSON goes: bench/results (not with --no-write or --dry-run) and --out."""
+    slug = name_slug(env["device_name"]) if env["device"].startswith("cuda") else "cpu"
+    # A rehearsal's file never matches `<kind>-<device>-*`, the pattern results are read by.
+    slug = f"dryrun-{slug}" if args.dry_run else slug
+    name = f"{result_kind(args.preset)}-{slug}-{datetime.date.today().isoformat()}.json"
+    dirs = [] if args.no_write or args.dry_run else [RESULTS_DIR]
+    dirs += [Path(args.out)] if args.out else []
+    return [d / name for d in dirs]
+
+
+def protocol(args: argparse.Namespace, limits: Limits) -> dict[str, Any]:
+    return {
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "plan": "full product"
+        if args.full
+        else "the likely best first (largest micro-batch that fits), then one axis at a time "
+        "from the best so far, the baseline, then the best again in a fresh process",
+        "process_per_setting": True,
+        "timeouts_s": {"eager": limits.setting_timeout, "compiled": limits.compile_timeout},
+        "budget_s": args.budget_s,
+        "deadline_s": args.deadline_s,
+        "tokens_per_s": "tokens per step / median step time (CUDA: events, one sync at "
+        f"each end of the window; CPU: steps where other processes used < {FOREIGN_MAX:.0%}"
+        " of a core, all steps when fewer than 3)",
+        "flops": "distrib.train.metrics.flops_per_token (attention included, causal mask not "
+        "discounted, recomputation not counted)",
+        "attention_cudnn": f"backend '{CUDNN_BACKEND}'"
+        if CUDNN_BACKEND
+        else "not measured apart: distrib.models.attention has no cuDNN-first backend; sdpa "
+        "pins FLASH > CUDNN > EFFICIENT",
+    }
+
+
+@dataclasses.dataclass
+class Report:
+    """Builds the JSON record from the rows so far and writes it to every path."""
+
+    args: argparse.Namespace
+    cfg: Config
+    plan: list[Stage]
+    env: dict[str, Any]
+    data: str
+    limits: Limits
+    paths: list[Path]
+
+    def record(self, rows: list[dict[str, Any]], finished: bool) -> dict[str, Any]:
+        a = self.args
+        rows = [
+            {k: v for k, v in r.items() if k not in ("setting_obj", "environment")} for r in rows
+        ]
+        cuda = self.env["device"].startswith("cuda")
+        gpu = self.env["device_name"] if cuda else None
+        return {
+            "benchmark": result_kind(a.preset),
+            "date": datetime.date.today().isoformat(),
+            "environment": self.env,
+            "gpu_name": gpu,
+            "preset": a.preset,
+            "dry_run": a.dry_run,
+            "finished": finished,
+            "data": self.data,
+            "protocol": protocol(a, self.limits),
+            "axes": axis_values(a.mbs, a.chunk, a.axis_list),
+            "plan": "full" if a.full else [dataclasses.asdict(s) for s in self.plan],
+            "config": to_dict(self.cfg),
+            "rerun_ratio": rerun_ratio(rows),
+            "rows": rows,
+            "best": quoted_best(rows),
+            "targets": target(a.preset, cuda or a.dry_run, gpu, rows, finished),
+        }
+
+    def save(self, rows: list[dict[str, Any]], finished: bool = False) -> dict[str, Any]:
+        record = self.record(rows, finished)
+        for path in self.paths:
+            write_json(path, record)
+        return record
+
+
+# --- main --------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -368,16 +201,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--full", action="store_true", help="the cartesian product, not the plan")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--budget-s", type=float, default=0, help="start no setting after N s (0: no)")
-    p.add_argument("--setting-timeout", type=float, default=1200, help="seconds per setting")
+    p.add_argument("--deadline-s", type=float, default=0, help="end within N s (0: no limit)")
+    p.add_argument("--setting-timeout", type=float, default=1200, help="s per eager setting")
+    p.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=None,
+        help=f"s per compiled setting (default: --setting-timeout + {COLD_COMPILE_S:.0f})",
+    )
     p.add_argument("--compare-cpu", default=None, help="CPU mfu JSON (default: newest committed)")
-    p.add_argument("--no-write", action="store_true", help="print only, write no JSON")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help="also write the JSON and worker logs here")
+    p.add_argument("--no-write", action="store_true", help="write no JSON into bench/results")
+    p.add_argument("--dry-run", action="store_true", help="rehearsal: judge off CUDA, --out only")
     args, overrides = p.parse_known_args(argv)
     preset = PRESETS[args.preset]
     args.config_path = str(args.config or ROOT / preset["config"])
     args.mbs = [int(m) for m in (args.micro_batch_sizes or preset["mbs"]).split(",")]
     args.chunk = args.loss_chunk_tokens or preset["chunk"]
     args.axis_list = [a.strip() for a in args.axes.split(",") if a.strip()]
+    if args.compile_timeout is None:
+        args.compile_timeout = args.setting_timeout + COLD_COMPILE_S
     unknown = set(args.axis_list) - set(AXES)
     if unknown:
         p.error(f"unknown axes {sorted(unknown)}; valid: {', '.join(AXES)}")
@@ -386,92 +229,92 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+def synthetic_data(cfg: Config, num_steps: int) -> str:
+    """Synthetic tokens in cfg.data.dir (a temporary folder): no prepared corpus is needed, so
+    a copy of the repository without the git-ignored data/ runs as it is."""
+    write_synthetic(cfg, num_steps)
+    return "synthetic: uniform random tokens (EOS about every 1000), distrib's shard writer"
+
+
+def print_speedup(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict | None:
+    """The debug preset's GPU rows over the CPU rows of the same settings."""
+    if args.compare_cpu:
+        found = (Path(args.compare_cpu), json.loads(Path(args.compare_cpu).read_text()))
+    else:
+        found = latest_result("mfu", torch.device("cpu"))
+    if not found:
+        return None
+    out = {"cpu_result": str(found[0])} | speedup_over_cpu(rows, found[1])
+    for s in out["per_setting"]:
+        print(f"GPU/CPU {Setting(**s['setting']).label()}: {s['speedup']:.1f}x")
+    print(f"GPU best / CPU best: {out['best_over_best']}")
+    return out
+
+
+def run(args: argparse.Namespace, overrides: list[str], tmp: Path, start: float) -> int:
+    # The synthetic data's folder comes last, so no override can point it at a real dataset.
+    base = [*PRESETS[args.preset]["overrides"], *overrides, f"--data.dir={tmp / 'synthetic'}"]
+    cfg = load_config(args.config_path, base)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    data = synthetic_data(cfg, args.warmup + args.steps)
+    # On CUDA the environment is read in a child: this process never touches the GPU.
+    env = (
+        probe_environment(args.threads)
+        if device_type == "cuda"
+        else environment(torch.device("cpu"))
+    )
+    ctx = Context.detect(device_type, cfg.training.dtype, cfg.training.global_batch_size)
+    plan = build_plan(axis_values(args.mbs, args.chunk, args.axis_list), ctx, args.full)
+    limits = Limits(
+        args.setting_timeout, args.compile_timeout, args.budget_s, args.deadline_s, start=start
+    )
+    logs = Path(args.out) / f"{result_kind(args.preset)}-workers" if args.out else None
+    if logs:
+        logs.mkdir(parents=True, exist_ok=True)
+    report = Report(args, cfg, plan, env, data, limits, result_paths(args, env))
+    print(
+        f"{env['device_name']}; preset {args.preset}; {args.warmup} warmup + {args.steps} timed "
+        f"steps; {'full product' if args.full else 'plan: likely best first'}; {data}",
+        flush=True,
+    )
+    flags = [f"--config={args.config_path}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
+    flags += [f"--threads={args.threads}", *base]
+    rows = run_plan(plan, ctx, measure_in_subprocess(flags, limits, tmp, logs), report.save)
+    record = report.record(rows, finished=True)
+    print_table(record["rows"], device_type == "cuda")
+    if device_type == "cuda" and args.preset == "debug":
+        record["speedup_over_cpu"] = print_speedup(args, record["rows"])
+    if record["rerun_ratio"] is not None:
+        print(f"best setting re-run / first run: {record['rerun_ratio']:.3f} (the noise floor)")
+    for name, t in record["targets"].items():
+        print(verdict_line(name, t))
+    if record["best"]:
+        print(
+            "best setting as config keys: "
+            + " ".join(Setting(**record["best"]["setting"]).overrides())
+        )
+    for path in report.paths:
+        write_json(path, record)
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.worker:
-        return worker(Path(args.worker), args.config_path, overrides, args.warmup, args.steps)
     tmp = Path(tempfile.mkdtemp(prefix="distrib-mfu-"))
     try:
-        base = [*PRESETS[args.preset]["overrides"], *overrides]
-        if args.preset == "1b":
-            base.insert(len(PRESETS["1b"]["overrides"]), f"--data.dir={tmp / 'synthetic'}")
-        cfg = load_config(args.config_path, base)
-        # CUDA is only touched by the workers until they are done, so each has the whole GPU.
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        data = ensure_data(cfg, args.preset, args.warmup + args.steps)
-        ctx = Context.detect(device.type, cfg.training.dtype, cfg.training.global_batch_size)
-        plan = build_plan(axis_values(args.mbs, args.chunk, args.axis_list), ctx, args.full)
-        print(
-            f"{device}; preset {args.preset}; {args.warmup} warmup + {args.steps} timed steps; "
-            f"{'full product' if args.full else 'greedy plan'}; data {data}",
-            flush=True,
-        )
-        rows = run_plan(plan, ctx, measure_in_subprocess(args, base, tmp))
+        return run(args, overrides, tmp, start)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for r in rows:
-        r.pop("setting_obj", None)
-    env = next((r.pop("environment") for r in rows if "environment" in r), environment(device))
-    for r in rows:
-        r.pop("environment", None)
-    best = quoted_best(rows)
-    print_table(rows, device.type == "cuda")
-    record: dict[str, Any] = {
-        "environment": env,
-        "gpu_name": env["device_name"] if device.type == "cuda" else None,
-        "preset": args.preset,
-        "data": data,
-        "protocol": {
-            "warmup_steps": args.warmup,
-            "timed_steps": args.steps,
-            "plan": "full product"
-            if args.full
-            else "greedy: baseline, one axis at a time "
-            "from the best so far, then the best again in a fresh process",
-            "process_per_setting": True,
-            "tokens_per_s": "tokens per step / median step time (CUDA: events, one sync at "
-            f"each end of the window; CPU: steps where other processes used < {FOREIGN_MAX:.0%}"
-            " of a core, all steps when fewer than 3)",
-            "flops": "distrib.metrics.flops_per_token (attention included, causal mask not "
-            "discounted, recomputation not counted)",
-        },
-        "axes": axis_values(args.mbs, args.chunk, args.axis_list),
-        "plan": [dataclasses.asdict(s) for s in plan] if not args.full else "full",
-        "config": to_dict(cfg),
-        "rerun_ratio": rerun_ratio(rows),
-        "rows": rows,
-        "best": best,
-        "targets": target(args.preset, device, env["device_name"], best),
-    }
-    if device.type == "cuda" and args.preset == "debug":
-        found = (
-            (Path(args.compare_cpu), json.loads(Path(args.compare_cpu).read_text()))
-            if (args.compare_cpu)
-            else latest_result("mfu", torch.device("cpu"))
-        )
-        if found:
-            record["speedup_over_cpu"] = {"cpu_result": str(found[0])} | speedup_over_cpu(
-                rows, found[1]
-            )
-            for s in record["speedup_over_cpu"]["per_setting"]:
-                print(f"GPU/CPU {Setting(**s['setting']).label()}: {s['speedup']:.1f}x")
-            print(f"GPU best / CPU best: {record['speedup_over_cpu']['best_over_best']}")
-    if record["rerun_ratio"] is not None:
-        print(f"best setting re-run / first run: {record['rerun_ratio']:.3f} (the noise floor)")
-    for name, t in record["targets"].items():
-        verdict = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
-        print(f"{name}: {verdict} (best MFU {t['mfu']})")
-    if best:
-        print("best setting as config keys: " + " ".join(Setting(**best["setting"]).overrides()))
-    if not args.no_write:
-        print(f"wrote {write_result(result_kind(args.preset), device, record)}")
-    return 0
 
 
 if __name__ == "__main__":
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: the running worker is killed with us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sys.exit(main())

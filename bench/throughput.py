@@ -18,7 +18,7 @@ interleaved (A B C A B C ...) so drifts in machine load hit all alike, and media
            `transformers.Trainer`, timed between `on_step_end` callbacks, so its data loading
            and per-step bookkeeping count as the others' do.
 
-    python bench/throughput.py [--config C | --preset 1b] [--steps 10 --warmup 3 --repeats 3]
+    python -m bench.throughput [--config C | --preset 1b] [--steps 10 --warmup 3 --repeats 3]
                                [--section.key=value ...]
 
 Legend: B batch, L sequence (seq_len), V vocabulary, G global batch (sequences per step).
@@ -39,17 +39,16 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python bench/throughput.py`
+from bench.common import environment, summarize, table, write_result
+from bench.contenders import FOREIGN_MAX, RUNNERS, Run, Setup, paired_steps, run_one
+from distrib.config import Config, load_config, to_dict
+from distrib.data.prepare import prepare_dataset
+from distrib.data.shards import MANIFEST_FILE, write_token_dataset
+from distrib.errors import ConfigError
+from distrib.runtime import init_runtime
+from distrib.train.metrics import flops_per_token, peak_tflops
 
-from bench.common import environment, summarize, table, write_result  # noqa: E402
-from bench.contenders import FOREIGN_MAX, RUNNERS, Run, Setup, paired_steps, run_one  # noqa: E402
-from distrib.config import Config, load_config, to_dict  # noqa: E402
-from distrib.data.prepare import prepare_dataset  # noqa: E402
-from distrib.data.shards import MANIFEST_FILE, write_token_dataset  # noqa: E402
-from distrib.errors import ConfigError  # noqa: E402
-from distrib.metrics import flops_per_token, peak_tflops  # noqa: E402
-from distrib.runtime import init_runtime  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CONTENDERS = ("distrib", "minimal", "hf")
 TARGET_VS_MINIMAL = 0.97  # distrib must reach this fraction of the minimal loop's tokens/s

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(cfg: Config) -> None:
     from distrib.runtime import detect_launch, init_runtime, shutdown
-    from distrib.trainer import Trainer, check_dataset
+    from distrib.train.trainer import Trainer, check_dataset
 
     # Everything that can be checked without a process group is checked first.
     check_dataset(cfg.data, cfg.model)
@@ -88,10 +88,10 @@ def _check_layout(cfg: Config, world_size: int) -> None:
     from distrib.parallel.dims import ParallelDims
 
     dims = ParallelDims.from_config(cfg.parallel, world_size)
-    dims.check_batch(cfg.training, cfg.parallel.pp_microbatches)
+    dims.check_batch(cfg.training, cfg.parallel)
     if cfg.parallel.engine == "deepspeed":
         # The override JSON is merged and checked here, before any process group starts.
-        from distrib.deepspeed.config import effective_config
+        from distrib.engines.deepspeed.config import effective_config
 
         effective_config(cfg, dims.dp)
 
@@ -103,7 +103,7 @@ def cmd_prepare(cfg: Config, force: bool) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from distrib.generate import generate_text
+    from distrib.commands.generate import generate_text
 
     text = generate_text(
         args.run_dir,
@@ -118,14 +118,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from distrib.export import export_run
+    from distrib.commands.export import export_run
 
     out = export_run(args.run_dir, args.out, args.format, args.step, args.max_shard_size)
     print(f"wrote {out}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from distrib.report import write_report
+    from distrib.commands.report import write_report
 
     out = args.out if args.out is not None else args.run_dirs[0] / "report"
     paths = write_report(args.run_dirs, out)

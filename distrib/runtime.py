@@ -8,15 +8,18 @@ Launchers are read through one seam, `detect_launch()`: torchrun, `srun` tasks a
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from distrib.errors import ConfigError
 from distrib.launchers import LaunchInfo, int_env, mpi, slurm
 
 
@@ -149,3 +152,29 @@ def set_rng_state(state: dict[str, object]) -> None:
     torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
+
+
+def import_deepspeed(device: torch.device) -> Any:
+    """Import DeepSpeed with the accelerator matching `device`: on a machine without GPUs its
+    CPU accelerator, whose communication backend is gloo (ccl only with oneCCL installed)."""
+    if device.type == "cpu":
+        # Before the first import: DeepSpeed picks its accelerator once, and otherwise warns
+        # that it fell back to the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as err:
+        raise ConfigError(
+            "parallel.engine = 'deepspeed' needs DeepSpeed: pip install 'distrib[deepspeed]'"
+        ) from err
+    # DeepSpeed logs its whole configuration and every phase at INFO; distrib prints the
+    # effective config itself, so keep DeepSpeed to warnings.
+    deepspeed.utils.logging.logger.setLevel(logging.WARNING)
+    name = get_accelerator().device_name()
+    if name != device.type:
+        raise ConfigError(
+            f"DeepSpeed's accelerator is '{name}' but this process runs on {device}: "
+            f"unset DS_ACCELERATOR (it is '{os.environ.get('DS_ACCELERATOR', '')}')"
+        )
+    return deepspeed

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from distrib.cli import main
+from tests.support.tiny import TINY
 
-# A small slice of the standard library, tokenized once per test session.
-DATA = ["--data.max_documents=120", "--model.vocab_size=512", "--data.seq_len=64"]
+# A small slice of the standard library, tokenized once per test session into as many tokens as
+# the tiny model's vocabulary.
+DATA = ["--data.max_documents=120", f"--model.vocab_size={TINY['vocab_size']}", "--data.seq_len=64"]
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from distrib.config import DataConfig, TrainingConfig
+from distrib.config.rules import accumulation_steps
 from distrib.data.shards import TokenShards
 from distrib.errors import DataError
 
@@ -39,6 +40,14 @@ def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
     """
     is_eos = (inputs == eos_id).to(torch.int64)
     return torch.cumsum(is_eos, dim=-1) - is_eos
+
+
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` in page-locked memory. Not `t.pin_memory()`, which keeps a
+    view's strides: copying a non-contiguous host tensor to a GPU first makes a contiguous,
+    pageable temporary, and a copy from pageable memory does not overlap with the host."""
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t)
 
 
 def _too_small(split: str, num_tokens: int, sequences: int, seq_len: int) -> DataError:
@@ -64,16 +73,13 @@ class TokenLoader:
         seed: int,
         shuffle: bool = True,
         document_ids: bool = False,
+        pin_memory: bool = False,
     ) -> None:
         if seq_len <= 0 or micro_batch_size <= 0 or global_batch_size <= 0:
             raise ValueError("seq_len, global_batch_size and micro_batch_size must be positive")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size={dp_size})")
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
-                f"global batch size {global_batch_size} is not divisible by micro batch size "
-                f"{micro_batch_size} x data-parallel size {dp_size}"
-            )
+        accumulation_steps(global_batch_size, micro_batch_size, dp_size)
         self.shards = shards
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
@@ -83,6 +89,8 @@ class TokenLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.document_ids = document_ids
+        # Batches in page-locked memory, so that .to(cuda, non_blocking=True) is asynchronous.
+        self.pin_memory = pin_memory
         self.num_samples = max(shards.num_tokens - 1, 0) // seq_len
         if self.num_samples < global_batch_size:
             raise _too_small(shards.split, shards.num_tokens, global_batch_size, seq_len)
@@ -134,6 +142,9 @@ class TokenLoader:
         ):
             inputs, labels = chunk[:, :-1], chunk[:, 1:]
             ids = document_ids(inputs, self.shards.eos_id) if self.document_ids else None
+            if self.pin_memory:
+                inputs, labels = pinned(inputs), pinned(labels)
+                ids = None if ids is None else pinned(ids)
             batches.append(Batch(inputs, labels, ids, sample_ids))
         return batches
 
@@ -171,9 +182,14 @@ class TokenLoader:
 
 
 def build_loaders(
-    data: DataConfig, training: TrainingConfig, dp_rank: int, dp_size: int
+    data: DataConfig,
+    training: TrainingConfig,
+    dp_rank: int,
+    dp_size: int,
+    pin_memory: bool = False,
 ) -> tuple[TokenLoader, TokenLoader]:
-    """The train loader and the (unshuffled) val loader over the dataset in `data.dir`.
+    """The train loader and the (unshuffled) val loader over the dataset in `data.dir`, with
+    batches in pinned memory if `pin_memory` (for a CUDA device).
 
     Val uses the training global batch when the split holds one, else the most full sequences
     it holds, rounded down to a multiple of micro batch x data-parallel size.
@@ -185,6 +201,7 @@ def build_loaders(
         "dp_size": dp_size,
         "seed": training.seed,
         "document_ids": not data.cross_document_attention,
+        "pin_memory": pin_memory,
     }
     train = TokenLoader(
         TokenShards.open(data.dir, "train"), global_batch_size=training.global_batch_size, **common

@@ -105,21 +105,27 @@ def _local_rank_from_mpi() -> int:
 
 
 def detect(env: Mapping[str, str]) -> LaunchInfo | None:
-    """The layout of an mpirun rank, or None outside mpirun."""
+    """The layout of an mpirun rank, or None outside mpirun (and in a world of one, which
+    needs no process group: `mpirun -np 1`, or a lone process of a container image that exports
+    PMI_* / OMPI_* variables, must not go into mpi4py, as `slurm.detect` skips a one-task step)."""
     for rank_key, size_key, local_key in _FLAVOURS:
-        if rank_key in env and size_key in env:
-            rank, size = int_env(env, rank_key), int_env(env, size_key)
-            if "MASTER_ADDR" in env and "MASTER_PORT" in env:
-                addr, port = env["MASTER_ADDR"], int_env(env, "MASTER_PORT")
-            else:
-                addr, port = _share_rendezvous(env, rank, size)
-            local_rank = int_env(env, local_key) if local_key in env else _local_rank_from_mpi()
-            return LaunchInfo(
-                rank=rank,
-                world_size=size,
-                local_rank=local_rank,
-                launcher="mpi",
-                master_addr=addr,
-                master_port=port,
-            )
+        if rank_key not in env or size_key not in env:
+            continue
+        rank, size = int_env(env, rank_key), int_env(env, size_key)
+        if size == 1:
+            # Checked before MASTER_* and mpi4py: a stray flavour must not shadow a real one.
+            continue
+        if "MASTER_ADDR" in env and "MASTER_PORT" in env:
+            addr, port = env["MASTER_ADDR"], int_env(env, "MASTER_PORT")
+        else:
+            addr, port = _share_rendezvous(env, rank, size)
+        local_rank = int_env(env, local_key) if local_key in env else _local_rank_from_mpi()
+        return LaunchInfo(
+            rank=rank,
+            world_size=size,
+            local_rank=local_rank,
+            launcher="mpi",
+            master_addr=addr,
+            master_port=port,
+        )
     return None

@@ -3,7 +3,7 @@
 # The `attention` function is deliberately not re-exported: it would shadow the submodule of the
 # same name, so `import distrib.models.attention as m` would bind the function.
 from distrib.models.attention import BACKENDS, resolve_backend
-from distrib.models.llama import RMSNorm, Transformer, num_params, rope_cache
+from distrib.models.transformer import RMSNorm, Transformer, num_params, rope_cache
 
 __all__ = [
     "BACKENDS",

@@ -8,8 +8,10 @@ Shape legend: B batch, L sequence, H query heads, G kv heads (Hkv), K head dim, 
 (B * L, flattened for varlen flash), S number of documents (segments) + 1.
 
 On CUDA the sdpa backend is pinned to PyTorch's fused kernels where dtype and head dim allow
-(`sdpa_kernels`), so it does not drop silently to the math kernel. Which kernel runs is logged
-once per combination on the "distrib.attention" logger.
+(`sdpa_kernels`), so it does not drop silently to the math kernel; grouped kv heads go in with
+enable_gqa only where the kernel pinned first takes it, else repeated (`gqa_by_repeat`). Which
+kernels run is logged once per combination on the "distrib.attention" logger. With flash_attn,
+the model computes the documents' varlen layout once per forward (`document_segments`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.torch_version import TorchVersion
 
-BACKENDS = ("auto", "flash", "sdpa", "eager")
+BACKENDS = ("auto", "flash", "sdpa", "cudnn", "eager")
 
 log = logging.getLogger("distrib.attention")
 
@@ -40,22 +43,47 @@ _SDPA_KERNEL_HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).par
 
 _HALF = (torch.float16, torch.bfloat16)
 # The head dims PyTorch's fused kernels take: flash up to 256, and flash, cuDNN and memory-efficient
-# all want a multiple of 8 for 16-bit inputs (sdp_utils.cpp: check_head_dim_size_*).
+# all want a multiple of 8 for 16-bit inputs (sdp_utils.cpp: check_head_dim_size_*). flash_attn
+# itself also stops at 256 (and pads other dims to a multiple of 8 itself).
 _FLASH_MAX_HEAD_DIM = 256
 _HALF_ALIGNMENT = 8
+# flash_attn 2 runs on Ampere (sm80) and newer only.
+_FLASH_MIN_CAPABILITY = (8, 0)
+
+# Which SDPA kernels broadcast kv heads themselves under enable_gqa. Flash and cuDNN do (their
+# dense checks pass supports_gqa=true); the memory-efficient kernel does not, up to and including
+# torch 2.13: its dense check is check_batch_size_and_num_heads_dense<false /*supports_gqa*/> in
+# aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, and the sdp_utils_cpp.h that torch 2.13
+# ships still has that template without the supports_mqa parameter of pytorch#191085 ("Add
+# memory-efficient GQA", merged after the 2.13 branch), the change that sets it to true. So with
+# enable_gqa and fewer kv heads a memory-efficient kernel pinned first refuses, and SDPA quietly
+# falls to the next allowed kernel (math). 2.14 is the first release that can hold that change;
+# its dev and source builds (2.14.0.devN, 2.14.0a0) count as older, so they repeat kv heads
+# rather than guess. To check the gate on a GPU: torch._fused_sdp_choice with enable_gqa=True
+# and fewer kv heads, under sdpa_kernel([EFFICIENT_ATTENTION]), picks that kernel or none.
+_EFFICIENT_GQA_MIN_TORCH = (2, 14)
+_TORCH_VERSION = str(torch.__version__)
 
 
 class _Plan(NamedTuple):
-    """What `attention` runs for one (backend, device, dtype, head dim, masked) combination."""
+    """What `attention` runs for one (backend, device, dtype, head dim, masked, gqa) combination."""
 
     name: str  # the resolved backend: "flash", "sdpa" or "eager"
     kernels: tuple[SDPBackend, ...]  # SDPA kernels allowed (preferred first); () = not pinned
 
 
-# (configured backend, device type, dtype, head dim, masked) -> plan. A plain dict, read by
+class DocSegments(NamedTuple):
+    """Document ids with flash_attn's varlen layout of them, made once per forward by
+    `document_segments`, so that no attention layer has to compute it (a host sync) itself."""
+
+    doc_ids_BL: Tensor
+    cu_seqlens_S: Tensor  # int32, see `cu_seqlens`
+
+
+# (configured backend, device type, dtype, head dim, masked, gqa) -> plan. A plain dict, read by
 # _plan() below: in eager the per-call cost is one lookup, and under torch.compile the lookup
 # runs once at trace time (assume_constant_result), so it adds neither guards nor graph breaks.
-_PLANS: dict[tuple[str, str, torch.dtype, int, bool], _Plan] = {}
+_PLANS: dict[tuple[str, str, torch.dtype, int, bool, bool], _Plan] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,22 +100,61 @@ def _flash_attn_module() -> Any:
     return flash_attn
 
 
-def resolve_backend(name: str, device_type: str) -> str:
-    """Turn a configured backend name into the one that will run on `device_type`.
+def _old_gpu() -> str | None:
+    """The current GPU, described, when it is older than flash_attn supports."""
+    if not torch.cuda.is_available():
+        return None
+    capability = torch.cuda.get_device_capability()
+    if capability >= _FLASH_MIN_CAPABILITY:
+        return None
+    return f"{torch.cuda.get_device_name()} (compute capability {capability[0]}.{capability[1]})"
 
-    "auto" picks "flash" when flash_attn is importable and the device is CUDA, else "sdpa".
-    Asking for "flash" where it cannot run raises ValueError naming what is missing.
+
+def flash_unsupported(
+    device_type: str, dtype: torch.dtype | None = None, head_dim: int | None = None
+) -> list[str]:
+    """Why flash_attn cannot run attention on `device_type` with inputs of `dtype` and
+    `head_dim` (None: not checked), one reason each; empty when it can."""
+    missing = []
+    if not _flash_importable():
+        missing.append("the flash_attn package is not installed (pip install 'distrib[flash]')")
+    if device_type != "cuda":
+        missing.append(f"flash attention needs a CUDA device, got '{device_type}'")
+    elif (gpu := _old_gpu()) is not None:
+        missing.append(f"flash attention needs an Ampere or newer GPU (sm80+), got {gpu}")
+    if dtype is not None and dtype not in _HALF:
+        missing.append(
+            f"flash attention needs float16 or bfloat16 inputs, got {dtype} "
+            "(training.dtype = 'bfloat16')"
+        )
+    if head_dim is not None and not 0 < head_dim <= _FLASH_MAX_HEAD_DIM:
+        missing.append(f"flash attention takes head dims up to 256, got {head_dim}")
+    return missing
+
+
+def resolve_backend(
+    name: str, device_type: str, dtype: torch.dtype | None = None, head_dim: int | None = None
+) -> str:
+    """Turn a configured backend name into the one that will run on `device_type` for inputs
+    of `dtype` and `head_dim` (None: not known yet, not checked).
+
+    "auto" picks "flash" where flash_attn can run (`flash_unsupported` finds nothing: importable,
+    a CUDA GPU of sm80+, 16-bit inputs, head dim <= 256), else "sdpa". Asking for "flash" where
+    it cannot run raises ValueError naming what is missing.
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend '{name}'; valid: {', '.join(BACKENDS)}")
     if name == "auto":
-        return "flash" if device_type == "cuda" and _flash_importable() else "sdpa"
+        return "sdpa" if flash_unsupported(device_type, dtype, head_dim) else "flash"
+    if name == "cudnn" and (device_type != "cuda" or (dtype is not None and dtype not in _HALF)):
+        raise ValueError(
+            f"attention backend 'cudnn' (SDPA pinned to cuDNN first) needs a CUDA device and "
+            f"bfloat16 or float16 inputs, got '{device_type}'"
+            + (f" {dtype}" if dtype is not None else "")
+            + ". Use 'sdpa' or 'auto'."
+        )
     if name == "flash":
-        missing = []
-        if not _flash_importable():
-            missing.append("the flash_attn package is not installed (pip install 'distrib[flash]')")
-        if device_type != "cuda":
-            missing.append(f"flash attention needs a CUDA device, got '{device_type}'")
+        missing = flash_unsupported(device_type, dtype, head_dim)
         if missing:
             raise ValueError(
                 "attention backend 'flash' is unavailable: "
@@ -102,13 +169,17 @@ def attention(
     k_BGLK: Tensor,
     v_BGLK: Tensor,
     backend: str,
-    doc_ids_BL: Tensor | None = None,
+    doc_ids_BL: Tensor | DocSegments | None = None,
 ) -> Tensor:
     """Causal scaled dot-product attention; returns `[B, H, L, K]` in the dtype of q.
 
-    `backend` is one of BACKENDS ("auto" resolves by q's device, cached). With `doc_ids_BL`
-    (non-decreasing along L within a row), attention across documents is masked out.
+    `backend` is one of BACKENDS ("auto" resolves by q's device, dtype and head dim, cached).
+    With `doc_ids_BL` (non-decreasing along L within a row; or `DocSegments` holding them),
+    attention across documents is masked out.
     """
+    cu_seqlens_S = None
+    if isinstance(doc_ids_BL, DocSegments):
+        doc_ids_BL, cu_seqlens_S = doc_ids_BL
     H, G = q_BHLK.shape[1], k_BGLK.shape[1]
     if H % G:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({G})")
@@ -118,12 +189,12 @@ def attention(
             f"{(q_BHLK.shape[0], q_BHLK.shape[2])}"
         )
     masked = doc_ids_BL is not None
-    plan = _plan(backend, q_BHLK.device.type, q_BHLK.dtype, q_BHLK.shape[-1], masked)
+    plan = _plan(backend, q_BHLK.device.type, q_BHLK.dtype, q_BHLK.shape[-1], masked, H != G)
     if plan.name == "eager":
         return eager_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL)
     if plan.name == "sdpa":
         return sdpa_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, plan.kernels)
-    return flash_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL)
+    return flash_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, cu_seqlens_S)
 
 
 def sdpa_kernels(
@@ -145,7 +216,7 @@ def sdpa_kernels(
     if masked:
         return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
     if head_dim > _FLASH_MAX_HEAD_DIM:
-        # Math as the last resort: memory-efficient takes GQA only in recent torch (#191085).
+        # Math as the last resort, for what memory-efficient refuses (alignment, see above).
         return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return [
         SDPBackend.FLASH_ATTENTION,
@@ -154,21 +225,72 @@ def sdpa_kernels(
     ]
 
 
+def kernel_takes_gqa(kernel: SDPBackend) -> bool:
+    """Whether SDPA `kernel` broadcasts kv heads itself (`enable_gqa`) in this torch; see
+    _EFFICIENT_GQA_MIN_TORCH for the memory-efficient kernel."""
+    if not _SDPA_HAS_ENABLE_GQA:
+        return False
+    if kernel == SDPBackend.EFFICIENT_ATTENTION:
+        return TorchVersion(_TORCH_VERSION) >= _EFFICIENT_GQA_MIN_TORCH
+    return True
+
+
+def gqa_by_repeat(kernels: Sequence[SDPBackend]) -> bool:
+    """Whether grouped kv heads are repeated before SDPA, rather than passed with `enable_gqa`:
+    when this torch has no enable_gqa, or the kernel pinned first does not take it (it would
+    refuse the call and SDPA would run the next kernel allowed, without a word)."""
+    if not _SDPA_HAS_ENABLE_GQA:
+        return True
+    return bool(kernels) and not kernel_takes_gqa(kernels[0])
+
+
+def _sdpa_plan(
+    device_type: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    masked: bool,
+    gqa: bool,
+    cudnn_first: bool = False,
+) -> _Plan:
+    kernels = sdpa_kernels(device_type, dtype, head_dim, masked)
+    if cudnn_first and SDPBackend.CUDNN_ATTENTION in kernels:
+        # On Hopper cuDNN's fused attention is often faster than FlashAttention-2 (head dim
+        # 128, causal, bf16): the 'cudnn' backend tries it first, the rest as 'sdpa' orders.
+        kernels.remove(SDPBackend.CUDNN_ATTENTION)
+        kernels.insert(0, SDPBackend.CUDNN_ATTENTION)
+    if gqa and not gqa_by_repeat(kernels):
+        # enable_gqa: the kernels that would refuse it can never run, so they are not pinned
+        # (nor named in the log).
+        kernels = [k for k in kernels if kernel_takes_gqa(k)]
+    return _Plan("sdpa", tuple(kernels))
+
+
 @torch.compiler.assume_constant_result
-def _plan(backend: str, device_type: str, dtype: torch.dtype, head_dim: int, masked: bool) -> _Plan:
+def _plan(
+    backend: str, device_type: str, dtype: torch.dtype, head_dim: int, masked: bool, gqa: bool
+) -> _Plan:
     # Under torch.compile this runs in Python at trace time and its result is baked in, so the
     # one-time log line below never sits in (or breaks) a compiled graph.
-    key = (backend, device_type, dtype, head_dim, masked)
+    key = (backend, device_type, dtype, head_dim, masked, gqa)
     plan = _PLANS.get(key)
     if plan is None:
-        name = resolve_backend(backend, device_type)
-        kernels = sdpa_kernels(device_type, dtype, head_dim, masked) if name == "sdpa" else []
-        plan = _PLANS[key] = _Plan(name, tuple(kernels))
-        log.info(describe_plan(plan, device_type, dtype, masked))
+        name = resolve_backend(backend, device_type, dtype, head_dim)
+        if name in ("sdpa", "cudnn"):
+            plan = _sdpa_plan(device_type, dtype, head_dim, masked, gqa, name == "cudnn")
+        else:
+            plan = _Plan(name, ())
+        _PLANS[key] = plan
+        line = describe_plan(plan, device_type, dtype, masked, gqa)
+        if backend == "auto" and name != "flash" and _flash_importable():
+            reasons = flash_unsupported(device_type, dtype, head_dim)
+            line += f" (auto passed over flash_attn: {'; '.join(reasons)})"
+        log.info(line)
     return plan
 
 
-def describe_plan(plan: _Plan, device_type: str, dtype: torch.dtype, masked: bool) -> str:
+def describe_plan(
+    plan: _Plan, device_type: str, dtype: torch.dtype, masked: bool, gqa: bool = False
+) -> str:
     """The one-line log of which attention kernel runs, e.g. for sdpa pinned on CUDA."""
     where = f"on {device_type} {str(dtype).removeprefix('torch.')}"
     if plan.name == "flash":
@@ -181,7 +303,11 @@ def describe_plan(plan: _Plan, device_type: str, dtype: torch.dtype, masked: boo
     if not plan.kernels:
         return f"attention: sdpa {where}, {mask}, kernels chosen by PyTorch (not pinned)"
     sep = " > " if _SDPA_KERNEL_HAS_PRIORITY else " | "
-    return f"attention: sdpa {where}, {mask}, kernels {sep.join(k.name for k in plan.kernels)}"
+    line = f"attention: sdpa {where}, {mask}, kernels {sep.join(k.name for k in plan.kernels)}"
+    if gqa and gqa_by_repeat(plan.kernels):
+        first = plan.kernels[0].name
+        return f"{line}; kv heads repeated ({first} takes no enable_gqa in torch {_TORCH_VERSION})"
+    return f"{line}; kv heads broadcast by enable_gqa" if gqa else line
 
 
 def causal_doc_mask(L: int, doc_ids_BL: Tensor | None, device: torch.device) -> Tensor:
@@ -224,17 +350,16 @@ def sdpa_attention(
     """PyTorch's fused attention; `is_causal` without doc ids, else a boolean `[B, 1, L, L]` mask.
 
     `kernels` (see `sdpa_kernels`) pins SDPA to those kernels, the first preferred where this
-    torch supports priorities; empty leaves the choice to PyTorch.
+    torch supports priorities; empty leaves the choice to PyTorch. Grouped kv heads go in with
+    `enable_gqa`, unless the first kernel does not take it (`gqa_by_repeat`).
     """
     n_rep = q_BHLK.shape[1] // k_BGLK.shape[1]
     kwargs: dict[str, Any] = {}
     if n_rep > 1:
-        # Pinned with a mask, memory-efficient attention runs, which broadcasts kv heads itself
-        # only in recent torch (pytorch#191085): repeat them, or no allowed kernel may run.
-        if _SDPA_HAS_ENABLE_GQA and not (kernels and doc_ids_BL is not None):
-            kwargs["enable_gqa"] = True
-        else:
+        if gqa_by_repeat(kernels):
             k_BGLK, v_BGLK = _repeat_kv(k_BGLK, n_rep), _repeat_kv(v_BGLK, n_rep)
+        else:
+            kwargs["enable_gqa"] = True
     if doc_ids_BL is None:
         # is_causal lets SDPA pick flash / memory-efficient kernels without materializing a mask.
         kwargs["is_causal"] = True
@@ -250,27 +375,47 @@ def sdpa_attention(
         return F.scaled_dot_product_attention(q_BHLK, k_BGLK, v_BGLK, **kwargs)
 
 
-def doc_cu_seqlens(doc_ids_BL: Tensor) -> tuple[Tensor, int]:
-    """Cumulative document lengths over all rows flattened, for flash_attn's varlen API.
-
-    Returns `cu_seqlens_S` (int32, starts with 0, ends with B * L) and the longest document.
-    A document never spans two rows: every row start also starts a new segment.
-    """
+def cu_seqlens(doc_ids_BL: Tensor) -> Tensor:
+    """Cumulative document lengths over all rows flattened, for flash_attn's varlen API:
+    `cu_seqlens_S`, int32, starting with 0 and ending with B * L. A document never spans two
+    rows: every row start also starts a new segment. Its length depends on the data, so on a GPU
+    this waits for the device (nonzero): `document_segments` calls it once per forward."""
     B, L = doc_ids_BL.shape
     starts_BL = torch.ones_like(doc_ids_BL, dtype=torch.bool)
     starts_BL[:, 1:] = doc_ids_BL[:, 1:] != doc_ids_BL[:, :-1]
     starts_T = starts_BL.flatten().nonzero().flatten()
     end = torch.tensor([B * L], device=doc_ids_BL.device, dtype=starts_T.dtype)
-    cu_seqlens_S = torch.cat([starts_T, end]).to(torch.int32)
-    # One host sync per forward: flash_attn needs max_seqlen as a Python int.
-    max_seqlen = int((cu_seqlens_S[1:] - cu_seqlens_S[:-1]).max().item())
-    return cu_seqlens_S, max_seqlen
+    return torch.cat([starts_T, end]).to(torch.int32)
+
+
+def doc_cu_seqlens(doc_ids_BL: Tensor) -> tuple[Tensor, int]:
+    """`cu_seqlens(doc_ids_BL)` and the longest document (a second host sync, for its value)."""
+    cu_seqlens_S = cu_seqlens(doc_ids_BL)
+    return cu_seqlens_S, int((cu_seqlens_S[1:] - cu_seqlens_S[:-1]).max().item())
+
+
+def document_segments(
+    doc_ids_BL: Tensor | DocSegments | None, backend: str
+) -> Tensor | DocSegments | None:
+    """What a model's attention layers take for `doc_ids_BL`, made once per forward: where
+    `backend` may run flash_attn on the ids' device, `DocSegments` with the varlen layout (one
+    host sync, here instead of in every layer and outside any compiled block); else the ids."""
+    if not isinstance(doc_ids_BL, Tensor) or backend not in ("flash", "auto"):
+        return doc_ids_BL
+    if flash_unsupported(doc_ids_BL.device.type):
+        return doc_ids_BL
+    return DocSegments(doc_ids_BL, cu_seqlens(doc_ids_BL))
 
 
 def flash_attention(
-    q_BHLK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, doc_ids_BL: Tensor | None = None
+    q_BHLK: Tensor,
+    k_BGLK: Tensor,
+    v_BGLK: Tensor,
+    doc_ids_BL: Tensor | None = None,
+    cu_seqlens_S: Tensor | None = None,
 ) -> Tensor:
-    """flash_attn kernels (CUDA, fp16/bf16); varlen over documents when doc ids are given."""
+    """flash_attn kernels (CUDA, fp16/bf16); varlen over documents when doc ids are given,
+    with their `cu_seqlens_S` if already computed (see `document_segments`)."""
     if q_BHLK.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"flash attention needs float16 or bfloat16 inputs, got {q_BHLK.dtype}; "
@@ -285,15 +430,20 @@ def flash_attention(
     if doc_ids_BL is None:
         out_BLHK = fa.flash_attn_func(q_BLHK, k_BLGK, v_BLGK, causal=True)
     else:
-        cu_seqlens_S, max_seqlen = doc_cu_seqlens(doc_ids_BL)
+        if cu_seqlens_S is None:
+            cu_seqlens_S = cu_seqlens(doc_ids_BL)
+        # max_seqlen is an upper bound (it sizes the launch grid; thread blocks past a
+        # document's end return at once), and L bounds every document since none spans rows.
+        # The exact maximum would cost a host sync and, as a Python int that changes from batch
+        # to batch, a recompile of each compiled block.
         out_THK = fa.flash_attn_varlen_func(
             q_BLHK.reshape(B * L, H, K),
             k_BLGK.reshape(B * L, -1, K),
             v_BLGK.reshape(B * L, -1, K),
             cu_seqlens_q=cu_seqlens_S,
             cu_seqlens_k=cu_seqlens_S,
-            max_seqlen_q=max_seqlen,
-            max_seqlen_k=max_seqlen,
+            max_seqlen_q=L,
+            max_seqlen_k=L,
             causal=True,
         )
         out_BLHK = out_THK.reshape(B, L, H, K)

@@ -1,12 +1,12 @@
 """Hugging Face Llama <-> distrib: configs, parameter names, and reading a local HF folder.
 
-Our Llama is `transformers.LlamaForCausalLM` under other parameter names (see llama.py): the RoPE
+Our Llama is `transformers.LlamaForCausalLM` under other parameter names (see transformer.py): the RoPE
 layout is the same (rotate_half), so q/k projections need no permutation and every tensor maps
 1:1 by name. The RoPE tables are derived from the config, never loaded.
 
 Like the rest of `distrib/models/`, nothing here imports torch.distributed: placing the full
 tensors read here into sharded parameters (FSDP, TP, pipeline stages) is done by
-`distrib.parallel.init.load_full_tensors`, which `load_hf_weights` calls.
+`distrib.parallel.init.load_hf_weights`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from distrib.config import ModelConfig
 from distrib.errors import CheckpointError
-from distrib.models.llama import Transformer
+from distrib.models.build import build_on_meta
 
 if TYPE_CHECKING:  # imported where used: transformers is slow to import
     import transformers
@@ -247,8 +246,7 @@ def _ignored(hf_name: str, cfg: ModelConfig) -> bool:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF name -> full shape of every parameter our whole model has (a tied head once)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = build_on_meta(cfg)
     return {to_hf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
 
 
@@ -280,20 +278,3 @@ def open_hf_folder(folder: str | Path, cfg: ModelConfig) -> Iterator[Safetensors
         weights = SafetensorsFolder(path, stack)
         check_tensors(weights, cfg)
         yield weights
-
-
-def load_hf_weights(parts: list[nn.Module], folder: str, model_cfg: ModelConfig) -> None:
-    """Overwrite the parameters of this rank's model parts with a local HF Llama's weights.
-
-    `parts` are built, parallelized (FSDP2 / TP DTensors, pipeline stages with some layers) and
-    materialized; each parameter gets its slice of the full tensor, cast to its dtype. The
-    folder's config must match `model_cfg` (see `check_config_matches`); every tensor is
-    checked by name and shape before anything is read. RoPE tables are not touched: they are
-    computed from the config at materialization.
-    """
-    from distrib.parallel.init import (
-        load_full_tensors,  # placement into shards needs torch.distributed
-    )
-
-    with open_hf_folder(folder, model_cfg) as weights:
-        load_full_tensors(parts, lambda name: weights.get(to_hf_name(name)))

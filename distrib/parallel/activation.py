@@ -21,7 +21,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-AC_MODES = ("none", "full", "selective", "memory_budget")
+from distrib.config.rules import check_activation_checkpoint
+
 # torch's own default: the partitioner saves what it would without a budget.
 NO_MEMORY_BUDGET = 1.0
 
@@ -39,6 +40,11 @@ def _ops(namespace: Any, names: tuple[str, ...]) -> set[torch._ops.OpOverload]:
 # (several [B, L, D] / [B, L, F] tensors per block). Saving every matmul output is thus the
 # setting that gives up the least compute for the memory it saves. Under sequence parallelism
 # the reduce-scatter outputs are saved too, so the backward does not repeat that collective.
+# Float8 (torchao): in eager the policy sees aten.mm on torchao's float8 tensor subclass, but
+# under torch.compile the traced graph holds the float8 matmul itself, aten._scaled_mm (newer
+# builds: _scaled_mm_v2; MoE: _scaled_grouped_mm), and the reductions that make its scales:
+# max (tensorwise amax of abs) and amax (rowwise). Their outputs are a scalar or one number per
+# row, so keeping them costs nothing and spares the backward those passes over the activations.
 _SAVE_OPS = _ops(
     torch.ops.aten,
     (
@@ -46,6 +52,11 @@ _SAVE_OPS = _ops(
         "addmm",
         "bmm",
         "baddbmm",
+        "_scaled_mm",
+        "_scaled_mm_v2",
+        "_scaled_grouped_mm",
+        "max",
+        "amax",
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_efficient_attention",
@@ -71,10 +82,9 @@ def apply_ac(model: nn.Module, mode: str, memory_budget: float = 0.5) -> None:
     backward), "selective" (keep matmul and attention outputs, recompute the rest) or
     "memory_budget" (compiled blocks keep `memory_budget`, 0-1, of what they would save
     without checkpointing; the compiler chooses the cheapest recomputation that fits)."""
-    if mode not in AC_MODES:
-        raise ValueError(f"unknown activation checkpoint mode '{mode}'; valid: {AC_MODES}")
-    if not 0.0 <= memory_budget <= 1.0:
-        raise ValueError(f"activation memory budget must be in [0, 1], got {memory_budget}")
+    # Compile comes after AC, so whether the blocks will be compiled (which the budget mode
+    # needs) is config validation's check alone.
+    check_activation_checkpoint(mode, memory_budget, compiled=True)
     # A process-wide compiler setting, read when each block's graph is partitioned (its first
     # call). Every mode sets it, so a model built earlier in the same process with a budget
     # cannot leak its budget into this one. No torch API scopes it to one module; torchtitan's

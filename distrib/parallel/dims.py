@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from distrib.config import ParallelConfig, TrainingConfig
+from distrib.config.rules import grad_accum_steps, pipeline_microbatches
 from distrib.errors import ConfigError
-from distrib.validation import grad_accum_steps
 
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -63,17 +63,12 @@ class ParallelDims:
         """Data-parallel degree: how many different batches one step processes at once."""
         return self.dp_replicate * self.dp_shard
 
-    def check_batch(self, training: TrainingConfig, pp_microbatches: int) -> int:
-        """Gradient-accumulation steps per optimizer step; also checks the pipeline split."""
+    def check_batch(self, training: TrainingConfig, parallel: ParallelConfig) -> int:
+        """Gradient-accumulation steps per optimizer step at this data-parallel degree; with a
+        pipeline, also the cut of each micro-batch into pipeline micro-batches."""
         accum = grad_accum_steps(training, self.dp)
         if self.pp > 1:
-            n = pp_microbatches or training.micro_batch_size
-            if training.micro_batch_size % n:
-                raise ConfigError(
-                    f"parallel.pp_microbatches ({n}) must divide training.micro_batch_size "
-                    f"({training.micro_batch_size}): each micro-batch is cut into that many "
-                    "pipeline micro-batches"
-                )
+            pipeline_microbatches(parallel, training.micro_batch_size)
         return accum
 
     def build_mesh(self, device_type: str) -> DeviceMesh:

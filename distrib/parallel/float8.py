@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distrib.config.rules import check_float8
 from distrib.errors import ConfigError
 
 # torch._scaled_mm wants both matmul dims of the weight to be multiples of 16.
@@ -58,18 +59,7 @@ def apply_float8(model: nn.Module, device: torch.device | None = None, *, tp: in
     it will train (None: the current CUDA device); `tp` the tensor-parallel degree, which must be
     1: the TP plan's styles do not know float8 (torchao's float8-aware styles are not wired in).
     """
-    try:
-        import torchao  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(
-            "training.float8 = true needs torchao (pip install torchao on a CUDA machine); "
-            "set training.float8 = false"
-        ) from e
-    if tp > 1:
-        raise ConfigError(
-            f"training.float8 = true is not supported with parallel.tp = {tp} (the tensor-"
-            "parallel plan has no float8 styles); set parallel.tp = 1 or training.float8 = false"
-        )
+    check_float8("native", tp)
     # Before any use of torchao: a CPU or an older GPU fails here with a clear message rather
     # than inside torchao's kernels on the first step.
     check_float8_device(device)

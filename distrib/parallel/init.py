@@ -13,8 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from distrib.config import ModelConfig
 from distrib.errors import CheckpointError
-from distrib.models.llama import Transformer
+from distrib.models.hf import open_hf_folder, to_hf_name
+from distrib.models.transformer import Transformer
 
 # Wrappers that insert a path segment into parameter names (activation checkpointing,
 # torch.compile of a module); the model's own names are what init is keyed by.
@@ -75,3 +77,16 @@ def load_full_tensors(parts: list[nn.Module], tensor_of: Callable[[str], Tensor]
                     full, param.device_mesh, param.placements, src_data_rank=None
                 )
             param.copy_(full)
+
+
+def load_hf_weights(parts: list[nn.Module], folder: str, model_cfg: ModelConfig) -> None:
+    """Overwrite the parameters of this rank's model parts with a local HF Llama's weights.
+
+    `parts` are built, parallelized (FSDP2 / TP DTensors, pipeline stages with some layers) and
+    materialized; each parameter gets its slice of the full tensor, cast to its dtype. The
+    folder's config must match `model_cfg` (see `check_config_matches`); every tensor is
+    checked by name and shape before anything is read. RoPE tables are not touched: they are
+    computed from the config at materialization.
+    """
+    with open_hf_folder(folder, model_cfg) as weights:
+        load_full_tensors(parts, lambda name: weights.get(to_hf_name(name)))

@@ -18,7 +18,6 @@ Shape legend: B sequences in one training micro-batch, L sequence, D model dim, 
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -35,10 +34,17 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 
 from distrib.config import ModelConfig, ParallelConfig
-from distrib.engine import causal_lm_loss
-from distrib.models.llama import Transformer
+from distrib.config.rules import (
+    check_stages_per_rank,
+    check_tied_embeddings,
+    pipeline_microbatches,
+    split_points,
+    stage_layers,
+)
+from distrib.models.build import build_on_meta
+from distrib.models.loss import causal_lm_loss
+from distrib.models.transformer import Transformer
 from distrib.parallel.init import materialize
-from distrib.validation import split_points
 
 # Schedule name -> (torch schedule, how stages are placed on ranks). "single": one stage per rank;
 # "loop": rank r holds stages r, r + pp, r + 2 pp, ... (what torch's interleaved schedules expect).
@@ -54,45 +60,11 @@ SCHEDULES: dict[str, tuple[type, str]] = {
 }
 
 
-def stage_layers(
-    n_layers: int, num_stages: int, split_points: list[int] | None = None
-) -> list[list[int]]:
-    """Layer ids of each stage: cut at `split_points` (the first layer of every stage after
-    the first), or evenly.
-
-    When the layers do not divide evenly the earlier stages take one extra each: the last stage
-    already carries the output projection and the float32 loss, which on a real vocabulary cost
-    as much as a layer or two, while the first stage's embedding is a lookup.
-    """
-    if not 1 <= num_stages <= n_layers:
-        raise ValueError(
-            f"cannot cut {n_layers} layers into {num_stages} pipeline stages of at least one layer"
-        )
-    if split_points:
-        bounds = [0, *split_points, n_layers]
-        if len(split_points) != num_stages - 1 or any(
-            a >= b for a, b in itertools.pairwise(bounds)
-        ):
-            raise ValueError(
-                f"split points {split_points} must be {num_stages - 1} strictly increasing "
-                f"layer indices within (0, {n_layers})"
-            )
-    else:
-        base, extra = divmod(n_layers, num_stages)
-        sizes = [base + (s < extra) for s in range(num_stages)]
-        bounds = [sum(sizes[:s]) for s in range(num_stages + 1)]
-    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
-
-
 def stages_of_rank(pp_rank: int, pp: int, stages_per_rank: int, schedule: str) -> list[int]:
     """The stage indices pipeline rank `pp_rank` holds, in the order its schedule expects."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: one of {sorted(SCHEDULES)}")
-    placement = SCHEDULES[schedule][1]
-    if placement == "single" and stages_per_rank != 1:
-        raise ValueError(f"schedule {schedule!r} holds one stage per rank, not {stages_per_rank}")
-    if placement == "loop" and stages_per_rank < 2:
-        raise ValueError(f"schedule {schedule!r} needs at least 2 stages per rank")
+    check_stages_per_rank(schedule, stages_per_rank)
     return [pp_rank + i * pp for i in range(stages_per_rank)]
 
 
@@ -101,10 +73,7 @@ def build_stage(
 ) -> Transformer:
     """A Transformer on meta holding only `layer_ids` (under their original keys, so parameter
     names are the whole model's), the embedding if `first`, the norm and head if `last`."""
-    if model_cfg.tie_embeddings and not (first and last):
-        raise ValueError("tied embeddings cannot be split across pipeline stages; untie them")
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
+    model = build_on_meta(model_cfg)
     keep = {str(i) for i in layer_ids}
     for key in list(model.layers.keys()):
         if key not in keep:
@@ -182,7 +151,10 @@ class Pipeline:
             raise ValueError("this rank holds the last pipeline stage: pass the labels")
         self._loss_fn.scale = loss_scale / self.n_microbatches
         self._loss_fn.values.clear()
-        args = (inputs_BL,) if self.has_first else ()
+        # Contiguous: torch 2.11 records a model input's metadata through .to("meta"), which
+        # drops a view's strides, then checks each micro-batch's strides against it, so the
+        # loader's tokens[:, :-1] failed there once a pipeline micro-batch held two sequences.
+        args = (inputs_BL.contiguous(),) if self.has_first else ()
         target = labels_BL if self.has_last else None
         with self._loss_context():
             # return_outputs=False: the last stage would otherwise keep and concatenate every
@@ -214,18 +186,16 @@ def build_pipeline(
     """
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     num_stages = pp * parallel.pp_stages_per_rank
-    n_microbatches = parallel.pp_microbatches or micro_batch_size
-    if micro_batch_size % n_microbatches:
-        raise ValueError(
-            f"{n_microbatches} pipeline micro-batches must divide the micro-batch size "
-            f"{micro_batch_size}"
-        )
-    points = split_points(parallel, model_cfg.n_layers) if parallel.pp_split_points else None
-    layers = stage_layers(model_cfg.n_layers, num_stages, points)
+    n_microbatches = pipeline_microbatches(parallel, micro_batch_size)
+    check_tied_embeddings(model_cfg, parallel.tp, pp)
+    layers = stage_layers(
+        model_cfg.n_layers, num_stages, split_points(parallel, model_cfg.n_layers)
+    )
+    indices = stages_of_rank(pp_rank, pp, parallel.pp_stages_per_rank, parallel.pp_schedule)
     group = pp_mesh.get_group()
     parts: list[Transformer] = []
     stages: list[PipelineStage] = []
-    for index in stages_of_rank(pp_rank, pp, parallel.pp_stages_per_rank, parallel.pp_schedule):
+    for index in indices:
         part = build_stage(model_cfg, layers[index], index == 0, index == num_stages - 1)
         parallelize(part)
         materialize(part, device, seed)

@@ -10,21 +10,16 @@ import torch
 
 from distrib.config import load_config
 from distrib.data.loader import Batch
+from distrib.engines.build import build_engine
 from distrib.runtime import Runtime, detect_launch
-from distrib.trainer import build_engine
+from tests.support.tiny import tiny_flags
 
 from .harness import spawn
 
 pytestmark = pytest.mark.slow
 
-MODEL = [
-    "--model.dim=32",
-    "--model.n_layers=2",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.ffn_dim=64",
-    "--model.vocab_size=64",
-    "--model.max_seq_len=16",
+RUN = [
+    *tiny_flags(),
     "--data.seq_len=16",
     "--training.global_batch_size=8",
     "--training.micro_batch_size=1",
@@ -32,7 +27,7 @@ MODEL = [
 
 
 def _record_sync(rank: int, world_size: int, layout: str, out: str) -> None:
-    cfg = load_config(None, [*MODEL, f"--parallel.{layout}={world_size}"])
+    cfg = load_config(None, [*RUN, f"--parallel.{layout}={world_size}"])
     engine, _, _ = build_engine(cfg, Runtime(detect_launch(), torch.device("cpu")))
     calls: list[bool] = []
     part = engine.parts[0]
@@ -44,7 +39,7 @@ def _record_sync(rank: int, world_size: int, layout: str, out: str) -> None:
     g = torch.Generator().manual_seed(rank)
     batches = []
     for _ in range(4):  # 8 sequences / (1 per micro-batch x 2 ranks)
-        tokens = torch.randint(0, 64, (1, 17), generator=g)
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), generator=g)
         batches.append(Batch(tokens[:, :-1], tokens[:, 1:], None))
     engine.train_step(batches)
     Path(out, f"{rank}.json").write_text(json.dumps(calls))

@@ -17,8 +17,8 @@ import torch
 
 from distrib.config import Config, load_config
 from distrib.data.loader import build_loaders
-from distrib.engine import causal_lm_loss
 from distrib.models.hf import hf_config
+from distrib.models.loss import causal_lm_loss
 from tests.distributed.test_parity import RUN, _run
 
 pytestmark = pytest.mark.slow

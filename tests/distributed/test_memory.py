@@ -11,21 +11,16 @@ from torch.distributed.tensor import DTensor
 
 from distrib.config import load_config
 from distrib.data.loader import Batch
+from distrib.engines.build import build_engine
 from distrib.runtime import Runtime, detect_launch
-from distrib.trainer import build_engine
+from tests.support.tiny import tiny_flags
 
 from .harness import spawn
 
 pytestmark = pytest.mark.slow
 
-MODEL = [
-    "--model.dim=64",
-    "--model.n_layers=2",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.ffn_dim=128",
-    "--model.vocab_size=512",
-    "--model.max_seq_len=32",
+RUN = [
+    *tiny_flags(),
     "--data.seq_len=32",
     "--training.global_batch_size=4",
     "--training.micro_batch_size=1",
@@ -37,9 +32,11 @@ def _local(t: torch.Tensor) -> int:
 
 
 def _count(rank: int, world_size: int, out: str) -> None:
-    cfg = load_config(None, [*MODEL, f"--parallel.dp_shard={world_size}"])
+    cfg = load_config(None, [*RUN, f"--parallel.dp_shard={world_size}"])
     engine, _, _ = build_engine(cfg, Runtime(detect_launch(), torch.device("cpu")))
-    tokens = torch.randint(0, 512, (1, 33), generator=torch.Generator().manual_seed(rank))
+    shape = (1, cfg.data.seq_len + 1)
+    gen = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
     engine.train_step([Batch(tokens[:, :-1], tokens[:, 1:], None)])
     params = [p for part in engine.parts for p in part.parameters()]
     states = [

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from distrib.config import ParallelConfig
-from distrib.engine import causal_lm_loss
-from distrib.models.llama import Transformer
+from distrib.models.loss import causal_lm_loss
+from distrib.models.transformer import Transformer
 from distrib.parallel.dims import ParallelDims
 from distrib.parallel.init import clean_name, materialize
 from distrib.parallel.pipeline import build_pipeline
 from tests.distributed.harness import spawn
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ SEED = 1234
 MICRO_BATCH, SEQ = 4, 16
 # Micro-batches per optimizer step: one, then two accumulated (loss_scale 0.5), then one.
 ACCUM = (1, 2, 1)
-CFG = tiny_config(n_layers=4, vocab_size=96, max_seq_len=SEQ, attention="sdpa")
+CFG = tiny_config(vocab_size=96, max_seq_len=SEQ, attention="sdpa")
 
 
 def _batches() -> list[list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -19,21 +19,14 @@ import pytest
 import torch
 
 from distrib import checkpoint as ckpt
-from distrib.generate import load_run
-from tests.distributed.cli import (
-    MODEL,
-    ROOT,
-    child_env,
-    records,
-    run_train,
-    train_command,
-    wait_for_step,
-)
+from distrib.checkpoint.run import load_run
+from tests.support.runs import ROOT, child_env, records, run_train, train_command, wait_for_step
+from tests.support.tiny import tiny_flags
 
 pytestmark = pytest.mark.slow
 
 RUN = [
-    *MODEL,
+    *tiny_flags(),
     "--data.seq_len=64",
     "--training.global_batch_size=8",
     "--training.micro_batch_size=2",

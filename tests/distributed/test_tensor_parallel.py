@@ -16,21 +16,22 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
 from distrib.config import ModelConfig
-from distrib.engine import causal_lm_loss
-from distrib.models.llama import Transformer
+from distrib.models.loss import causal_lm_loss
+from distrib.models.transformer import Transformer
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
 from distrib.parallel.init import clean_name, materialize
 from distrib.parallel.tensor import apply_tp, loss_context, tp_plan
 from tests.distributed.harness import spawn
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 pytestmark = pytest.mark.slow
 
 TP = 2
 SEED = 7
 B, L = 2, 16
-CFG = tiny_config()
+# Two layers are enough to check the tp plan and keep the spawned ranks quick.
+CFG = tiny_config(n_layers=2, attention="eager")
 
 
 def _build(cfg: ModelConfig, mesh: DeviceMesh | None, loss_parallel: bool = True) -> Transformer:

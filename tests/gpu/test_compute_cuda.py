@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from distrib.config import TrainingConfig
-from distrib.loss import causal_lm_loss
-from distrib.models.llama import Transformer
-from distrib.optim import build_optimizer
+from distrib.engines.optim import build_optimizer
+from distrib.models.loss import causal_lm_loss
+from distrib.models.transformer import Transformer
 from distrib.parallel.compile import apply_compile
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,6 +25,7 @@ pytestmark = [
 # Head dim 64, GQA 4:2, a 32k vocabulary as in the 1b preset so the logits dominate memory.
 CFG = tiny_config(
     dim=256,
+    n_layers=2,
     n_heads=4,
     n_kv_heads=2,
     ffn_dim=768,

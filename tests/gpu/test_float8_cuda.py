@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distrib.models.llama import Transformer
+from distrib.models.transformer import Transformer
 from distrib.parallel.float8 import apply_float8
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 
 def _float8_capable() -> bool:
@@ -27,7 +27,14 @@ pytestmark = [
 
 # dim 256, head dim 64, 2 kv heads: every block linear has dims divisible by 16.
 CFG = tiny_config(
-    dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab_size=512, max_seq_len=128, attention="sdpa"
+    dim=256,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_dim=512,
+    vocab_size=512,
+    max_seq_len=128,
+    attention="sdpa",
 )
 STEPS = 5
 REL_TOL = 0.05

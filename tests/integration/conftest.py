@@ -1,24 +1,15 @@
-"""Helpers for the CLI tests: a tiny model and run, and reading metrics.jsonl."""
+"""Helpers for the CLI tests: a short run of the tiny model, in this process."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from distrib.cli import main
+from tests.support.tiny import tiny_flags
 
-# A model small enough for a few steps per second.
-TINY_MODEL = [
-    "--model.dim=64",
-    "--model.n_layers=2",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.ffn_dim=160",
-    "--model.vocab_size=512",
-    "--model.max_seq_len=128",
-]
+# The tiny model for 8 steps: a few steps per second.
 TINY_RUN = [
-    *TINY_MODEL,
+    *tiny_flags(),
     "--data.seq_len=64",
     "--training.global_batch_size=8",
     "--training.micro_batch_size=4",
@@ -36,8 +27,3 @@ def train(data_dir: Path, run_dir: Path, *overrides: str) -> int:
     return main(
         ["train", f"--data.dir={data_dir}", f"--job.run_dir={run_dir}", *TINY_RUN, *overrides]
     )
-
-
-def records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]

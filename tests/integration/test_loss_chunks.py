@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import records, train
+from tests.support.runs import records
+
+from .conftest import train
 
 pytestmark = pytest.mark.slow
 

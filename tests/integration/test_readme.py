@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests.support.runs import ROOT, records
 
-ROOT = Path(__file__).parents[2]
+pytestmark = pytest.mark.slow
 
 
 def quick_start_commands() -> list[str]:
@@ -50,4 +50,4 @@ def test_quick_start_trains_and_samples(tmp_path: Path) -> None:
     sample = done.stdout.split("--- a sample from", 1)[1].split("\n", 1)[1]
     assert sample.startswith("def ")
     assert (tmp_path / "run" / "checkpoints" / "step-00000006").is_dir()
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 4  # steps 2, 3, 4, 6
+    assert len(records(tmp_path / "run")) == 4  # steps 2, 3, 4, 6

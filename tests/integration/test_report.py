@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from distrib.cli import main
-from distrib.report import load_run, series, summarize
+from distrib.commands.report import load_run, series, summarize
+from tests.support.runs import records
 
-from .conftest import records, train
+from .conftest import train
 
 pytestmark = pytest.mark.slow
 

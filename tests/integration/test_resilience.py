@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from distrib import checkpoint as ckpt
-from tests.distributed.cli import wait_for_step
-from tests.integration.conftest import TINY_RUN, records, train
-
-ROOT = Path(__file__).parents[2]
+from tests.integration.conftest import TINY_RUN, train
+from tests.support.runs import ROOT, child_env, records, train_command, wait_for_step
 
 
 def test_nan_skip_drops_the_update_and_goes_on(data_dir: Path, tmp_path: Path, capsys) -> None:
@@ -73,11 +69,7 @@ def test_rollback_with_no_checkpoint_is_a_clear_error(
 
 
 def _start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "distrib.cli",
-        "train",
+    args = [
         f"--data.dir={data_dir}",
         f"--job.run_dir={run_dir}",
         *TINY_RUN,
@@ -85,9 +77,13 @@ def _start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
         "--checkpoint.interval=0",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        train_command(1, args),
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

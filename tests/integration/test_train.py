@@ -9,11 +9,12 @@ import pytest
 from torch import nn
 
 from distrib.cli import main
-from distrib.config import load_config
-from distrib.metrics import flops_per_token
 from distrib.parallel.activation import apply_ac
+from distrib.train.metrics import flops_per_token
+from tests.support.runs import records
+from tests.support.tiny import tiny_config
 
-from .conftest import TINY_MODEL, records, train
+from .conftest import train
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +49,7 @@ def test_mfu_uses_the_peak_override(data_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert train(data_dir, run, "--training.steps=2", "--metrics.peak_tflops=0.5") == 0
     rec = records(run)[-1]
-    cfg = load_config(None, [*TINY_MODEL, "--data.seq_len=64"])
-    expected = rec["tokens_per_s"] * flops_per_token(cfg.model, 64) / 1e12
+    expected = rec["tokens_per_s"] * flops_per_token(tiny_config(), 64) / 1e12
     assert rec["tflops"] == pytest.approx(expected)
     assert rec["mfu"] == pytest.approx(expected / 0.5)
 
@@ -128,7 +128,8 @@ def test_errors_before_any_work(data_dir: Path, tmp_path: Path, capsys, monkeypa
     run = tmp_path / "run"
     assert train(data_dir, run, "--model.vocab_size=100") == 2
     err = capsys.readouterr().err
-    assert "model.vocab_size (100) is smaller than the tokenizer's vocabulary (512)" in err
+    vocab = tiny_config().vocab_size  # the test corpus's tokenizer has as many tokens
+    assert f"model.vocab_size (100) is smaller than the tokenizer's vocabulary ({vocab})" in err
     assert train(tmp_path / "nowhere", run) == 2
     assert "distrib prepare" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")

@@ -3,7 +3,6 @@ and real launcher processes started in their own session so a failed test leaves
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,17 +13,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.support.runs import ROOT, records
+from tests.support.tiny import tiny_flags
 
-# The debug config shrunk to a model that trains 8 steps in about a second per process.
+# The debug config with the tiny model, 8 steps in about a second per process.
 TINY_RUN = [
-    "--model.dim=64",
-    "--model.n_layers=2",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.ffn_dim=160",
-    "--model.vocab_size=512",
-    "--model.max_seq_len=128",
+    *tiny_flags(),
     "--data.seq_len=64",
     "--training.global_batch_size=8",
     "--training.micro_batch_size=4",
@@ -66,13 +60,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Launched:

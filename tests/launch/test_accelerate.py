@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import ROOT, assert_same_run, launch_env, records, run_args
+from tests.launch.conftest import assert_same_run, launch_env, run_args
+from tests.support.runs import ROOT, records
 
 pytestmark = pytest.mark.slow
 

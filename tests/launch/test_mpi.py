@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from distrib.launchers.mpi import rank0_address
-from tests.launch.conftest import ROOT, assert_same_run, launch_env, records, run_args
+from tests.launch.conftest import assert_same_run, launch_env, run_args
+from tests.support.runs import ROOT, records
 
 VENV_MPIRUN = Path(sys.executable).parent / "mpirun"
 
@@ -72,3 +73,23 @@ def test_rank0_address() -> None:
     assert rank0_address(["10.1.2.3", "10.1.2.4"]) == "10.1.2.3"
     # 'localhost' resolves to loopback; the only route to 127.0.0.2 is loopback too.
     assert rank0_address(["localhost", "127.0.0.2"]).startswith("127.")
+
+
+def test_mpirun_np_1_is_no_launch() -> None:
+    """`mpirun -np 1` (PMI_RANK=0, PMI_SIZE=1 under MPICH's Hydra) is one process: no launch,
+    and mpi4py (which would initialize MPI) is never imported."""
+    if "HYDRA" not in _version(str(VENV_MPIRUN)):
+        pytest.skip(f"no MPICH mpirun at {VENV_MPIRUN}")
+    code = (
+        "import sys; from distrib.runtime import detect_launch; "
+        "print(detect_launch().launcher, 'mpi4py' in sys.modules)"
+    )
+    done = subprocess.run(
+        [str(VENV_MPIRUN), "-np", "1", sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == ["none", "False"]

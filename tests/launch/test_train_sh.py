@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import free_port, records, run_args, wait_for
+from tests.launch.conftest import free_port, run_args, wait_for
+from tests.support.runs import records
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ resume to the uninterrupted losses; and the environment each launch path sees.""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -14,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from distrib.launchers.slurm import job_port
-from tests.integration.conftest import TINY_MODEL
 from tests.slurm.conftest import REPO, SBATCH, Cluster
+from tests.support.runs import records
+from tests.support.tiny import tiny_flags
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 CONFIG = REPO / "configs" / "debug.toml"
 STEPS = 20
 TRAIN = [
-    *TINY_MODEL,
+    *tiny_flags(),
     "--data.seq_len=64",
     "--training.global_batch_size=8",
     "--training.micro_batch_size=2",
@@ -40,12 +40,7 @@ SBATCH_ARGS = ["--nodes=2", "--time=10"]
 
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss from metrics.jsonl; a resumed run's record of a step replaces the earlier."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
 def output(cwd: Path, job_id: int) -> str:
@@ -113,7 +108,7 @@ def interrupted_job(
     def trained_steps() -> int:
         if cluster.job(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"):
             raise AssertionError(f"job ended before the stop:\n{output(cwd, job_id)}")
-        return len(losses(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        return len(losses(run_dir))
 
     _wait_for(lambda: trained_steps() >= 3, "step 3")
     interrupt(job_id)

@@ -13,12 +13,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distrib.engine import causal_lm_loss
-from distrib.models.llama import Transformer
+from distrib.errors import ConfigError
+from distrib.models.loss import causal_lm_loss
+from distrib.models.transformer import Transformer
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
 from distrib.parallel.init import clean_name
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 CFG = tiny_config()
 
@@ -63,7 +64,7 @@ def test_none_leaves_the_model_alone() -> None:
     blocks = list(model.layers.values())
     apply_ac(model, "none")
     assert list(model.layers.values()) == blocks
-    with pytest.raises(ValueError, match="selective"):
+    with pytest.raises(ConfigError, match="selective"):
         apply_ac(model, "sometimes")
 
 
@@ -105,6 +106,63 @@ def test_selective_recomputes_elementwise_ops_but_no_matmul() -> None:
     # Full AC redoes the forward matmuls; selective AC keeps their outputs.
     assert full["mm"] > none["mm"] and selective["mm"] == none["mm"]
     assert full["bmm"] > none["bmm"] and selective["bmm"] == none["bmm"]
+
+
+def _to_float8(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Tensorwise float8 with its dequantizing scale, as torchao computes it: amax of abs."""
+    scale = t.abs().max().float() / torch.finfo(torch.float8_e4m3fn).max
+    return (t / scale).to(torch.float8_e4m3fn), scale
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """x @ w.T through aten._scaled_mm: what torchao's Float8Linear is in a compiled graph."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        (x8, x_scale), (w8, w_scale) = _to_float8(x), _to_float8(w)
+        return torch._scaled_mm(
+            x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.float32
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        x, w = ctx.saved_tensors
+        return grad @ w, grad.t() @ x
+
+
+def _float8_backward_ops(mode: str) -> Counter[str]:
+    from torch.utils.checkpoint import checkpoint
+
+    from distrib.parallel.activation import _selective_context
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 64, generator=gen, requires_grad=True)
+    w = torch.randn(16, 64, generator=gen, requires_grad=True)
+
+    def block(x: Tensor, w: Tensor) -> Tensor:
+        return torch.nn.functional.silu(_Float8Matmul.apply(x * 2, w))
+
+    context = {"context_fn": _selective_context} if mode == "selective" else {}
+    out = checkpoint(block, x, w, use_reentrant=False, **context)
+    with _CountOps() as ops:
+        out.sum().backward()
+    return ops.counts
+
+
+def test_selective_keeps_float8_matmuls_and_their_scales() -> None:
+    from distrib.parallel.activation import _save_matmuls
+
+    save = torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+    for op in (torch.ops.aten._scaled_mm.default, torch.ops.aten.max.default):
+        assert _save_matmuls(None, op) == save, op
+    full, selective = _float8_backward_ops("full"), _float8_backward_ops("selective")
+    # Full AC redoes the float8 matmul and its scale reductions; selective keeps them...
+    assert full["_scaled_mm"] == 1 and full["max"] == 2
+    assert selective["_scaled_mm"] == 0 and selective["max"] == 0
+    # ... and still recomputes the elementwise ops around them (abs, the float8 casts).
+    assert selective["abs"] == full["abs"] == 2
+    assert selective["_to_copy"] == full["_to_copy"] == 2
 
 
 @pytest.mark.parametrize("ac", ["none", "selective"])
@@ -172,7 +230,7 @@ def test_memory_budget_wraps_nothing_and_other_modes_reset_the_budget() -> None:
         assert functorch_config.activation_memory_budget == 0.25
         apply_ac(_model(), "selective")
         assert functorch_config.activation_memory_budget == 1.0
-        with pytest.raises(ValueError, match=r"in \[0, 1\], got 2.0"):
+        with pytest.raises(ConfigError, match=r"in \[0, 1\].*got 2.0"):
             apply_ac(_model(), "memory_budget", 2.0)
     finally:
         apply_ac(_model(), "none")

@@ -70,9 +70,9 @@ def test_plan_is_cached_per_combination() -> None:
     attention(q, k, v, "sdpa")
     attention(q, k, v, "eager")
     assert {
-        ("sdpa", "cpu", FP32, 16, False): attn_mod._Plan("sdpa", ()),
-        ("sdpa", "cpu", FP32, 16, True): attn_mod._Plan("sdpa", ()),
-        ("eager", "cpu", FP32, 16, False): attn_mod._Plan("eager", ()),
+        ("sdpa", "cpu", FP32, 16, False, True): attn_mod._Plan("sdpa", ()),
+        ("sdpa", "cpu", FP32, 16, True, True): attn_mod._Plan("sdpa", ()),
+        ("eager", "cpu", FP32, 16, False, True): attn_mod._Plan("eager", ()),
     } == attn_mod._PLANS
 
 
@@ -164,7 +164,7 @@ def test_pinned_sdpa_has_no_graph_breaks(with_docs: bool) -> None:
     """The CUDA path (sdpa_kernel around the call) traces whole; exercised on CPU with a plan
     that allows both CPU kernels, so the numerics are those of the unpinned call."""
     masked = with_docs
-    attn_mod._PLANS[("sdpa", "cpu", FP32, 16, masked)] = attn_mod._Plan("sdpa", (FLASH, MATH))
+    attn_mod._PLANS[("sdpa", "cpu", FP32, 16, masked, True)] = attn_mod._Plan("sdpa", (FLASH, MATH))
     assert graph_breaks("sdpa", DOC_IDS_BL if with_docs else None) == 0
     q, k, v = random_qkv(G=2)
     doc_ids_BL = DOC_IDS_BL if with_docs else None

@@ -7,19 +7,14 @@ import torch
 
 from distrib import checkpoint as ckpt
 from distrib.config import CheckpointConfig, load_config
-from distrib.engine import NativeEngine
+from distrib.engines.native import NativeEngine
 from distrib.errors import CheckpointError
+from distrib.models.build import build_model
 from distrib.runtime import rng_state, set_rng_state
-from distrib.trainer import build_model
+from tests.support.tiny import tiny_flags
 
 TINY = [
-    "--model.dim=32",
-    "--model.n_layers=2",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.ffn_dim=64",
-    "--model.vocab_size=50",
-    "--model.max_seq_len=16",
+    *tiny_flags(),
     "--data.seq_len=16",
     "--training.lr=0.01",
     "--training.min_lr=0.001",
@@ -38,7 +33,7 @@ def _step(engine: NativeEngine) -> None:
     from distrib.data.loader import Batch
 
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 50, (2, 17), generator=g)
+    tokens = torch.randint(0, engine.model.cfg.vocab_size, (2, 17), generator=g)
     engine.train_step([Batch(inputs=tokens[:, :-1], labels=tokens[:, 1:], doc_ids=None)])
 
 
@@ -49,13 +44,13 @@ def test_round_trip_restores_model_optimizer_schedule_rng(tmp_path: Path) -> Non
     torch.manual_seed(99)
     rng_before = rng_state()
     path = ckpt.Checkpointer(CheckpointConfig(), tmp_path).save(
-        3, {**saved.state(), "step": 3, ckpt.rng_key(0): rng_before}
+        3, {**saved.checkpoint_state(), "step": 3, ckpt.rng_key(0): rng_before}
     )
     assert path == tmp_path / "checkpoints" / "step-00000003" and ckpt.is_complete(path)
 
     torch.manual_seed(5)
     loaded = _engine(seed=2)
-    state = {**loaded.state(), "step": 0, ckpt.rng_key(0): rng_state()}
+    state = {**loaded.checkpoint_state(), "step": 0, ckpt.rng_key(0): rng_state()}
     ckpt.load(path, state)
     set_rng_state(state[ckpt.rng_key(0)])
     assert state["step"] == 3

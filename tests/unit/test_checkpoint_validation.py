@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distrib import checkpoint as ckpt
-from distrib import manifest
+from distrib.checkpoint import manifest
 from distrib.config import CheckpointConfig
 from distrib.errors import CheckpointError
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from distrib.models.llama import Transformer, TransformerBlock, rope_cache
+from distrib.models.transformer import Transformer, TransformerBlock, rope_cache
 from distrib.parallel.activation import apply_ac
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 B, L = 2, 16
 

@@ -14,7 +14,7 @@ from distrib.config import (
     parse_overrides,
     to_dict,
 )
-from distrib.validation import grad_accum_steps
+from distrib.config.rules import grad_accum_steps
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from distrib.config import Config, TrainingConfig, load_config
-from distrib.deepspeed.config import (
+from distrib.engines.deepspeed.config import (
     deep_merge,
     ds_config,
     effective_config,
     offloads_optimizer,
     zero_stage,
 )
-from distrib.deepspeed_engine import _Gate, _install_gate
+from distrib.engines.deepspeed.gate import UpdateGate, install_gate
+from distrib.engines.optim import build_scheduler
 from distrib.errors import ConfigError
-from distrib.optim import build_scheduler
 
 DS = ["--parallel.engine=deepspeed", "--parallel.dp_shard=-1"]
 
@@ -178,11 +178,11 @@ def test_unreadable_or_non_object_json_is_refused(tmp_path: Path, text: str) -> 
         effective_config(cfg, dp_size=2)
 
 
-def _optimizer() -> tuple[torch.nn.Parameter, torch.optim.AdamW, _Gate]:
+def _optimizer() -> tuple[torch.nn.Parameter, torch.optim.AdamW, UpdateGate]:
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([param], lr=0.1, weight_decay=0.1)
-    gate = _Gate()
-    _install_gate(optimizer, gate)
+    gate = UpdateGate()
+    install_gate(optimizer, gate)
     return param, optimizer, gate
 
 

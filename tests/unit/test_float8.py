@@ -11,11 +11,11 @@ import torch
 
 from distrib.config import ParallelConfig, TrainingConfig
 from distrib.errors import ConfigError
-from distrib.models.llama import Transformer
+from distrib.models.transformer import Transformer
 from distrib.parallel.dims import ParallelDims
 from distrib.parallel.float8 import apply_float8, float8_filter
 from distrib.parallel.parallelize import parallelize
-from tests.tiny import tiny_config
+from tests.support.tiny import tiny_config
 
 
 def _model(**overrides: int) -> Transformer:

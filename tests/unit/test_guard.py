@@ -9,14 +9,17 @@ import torch
 
 from distrib.config import load_config
 from distrib.data.loader import Batch
-from distrib.engine import NativeEngine
-from distrib.guard import LossGuard, failing_ranks
-from distrib.trainer import build_model
+from distrib.engines.native import NativeEngine
+from distrib.models.build import build_model
+from distrib.train.faults import poisoned
+from distrib.train.guard import LossGuard, failing_ranks
+from tests.support.tiny import tiny_config
 from tests.unit.test_checkpoint import TINY
 
 
 def _batch(seed: int) -> list[Batch]:
-    tokens = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, tiny_config().vocab_size, (2, 17), generator=gen)
     return [Batch(tokens[:, :-1], tokens[:, 1:])]
 
 
@@ -55,7 +58,8 @@ def test_refused_step_keeps_weights_and_optimizer_but_advances_schedule() -> Non
     engine.train_step(_batch(0))
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
     opt_before = {k: v["step"].clone() for k, v in engine.optimizers[0].state.items()}
-    result = engine.train_step(_batch(1), accept=LossGuard(), poison=True)
+    with poisoned(engine.model):
+        result = engine.train_step(_batch(1), accept=LossGuard())
     assert result.skipped and math.isnan(float(result.loss))
     for k, v in engine.model.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -15,14 +15,15 @@ import torch
 
 from distrib import checkpoint as ckpt
 from distrib.cli import main
+from distrib.commands.export import export_run
 from distrib.config import CheckpointConfig, Config, ModelConfig, to_dict
 from distrib.data.tokenizer import Tokenizer, train_bpe
 from distrib.errors import CheckpointError, ExportError
-from distrib.export import export_run
-from distrib.models.hf import hf_config, load_hf_weights, model_config_from_hf
-from distrib.models.llama import Transformer
+from distrib.models.hf import hf_config, model_config_from_hf
+from distrib.models.transformer import Transformer
 from distrib.parallel.activation import apply_ac
-from distrib.parallel.init import materialize
+from distrib.parallel.init import load_hf_weights, materialize
+from tests.support.tiny import tiny_config
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -35,20 +36,10 @@ TEXT = (
 
 
 def tiny_cfg(**overrides: object) -> ModelConfig:
-    """Grouped-query attention (4 query / 2 KV heads) unless overridden."""
-    base = ModelConfig(
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=64,
-        vocab_size=V,
-        max_seq_len=32,
-        rope_theta=500.0,
-        norm_eps=1e-6,
-        attention="eager",
-    )
-    return dataclasses.replace(base, **overrides)
+    """The tiny model (grouped-query attention, 4 query / 2 KV heads) with this file's tokenizer's
+    vocabulary, and RoPE base and norm epsilon off their defaults so a mix-up would show."""
+    base = {"vocab_size": V, "rope_theta": 500.0, "norm_eps": 1e-6, "attention": "eager"}
+    return tiny_config(**{**base, **overrides})
 
 
 def build(cfg: ModelConfig, seed: int, activation_checkpoint: str = "none") -> Transformer:
@@ -262,20 +253,23 @@ def test_import_refusals(tmp_path: Path) -> None:
     cfg = tiny_cfg(tie_embeddings=False)
     random_hf(cfg, tmp_path)
     model = build(cfg, seed=1)
-    with pytest.raises(CheckpointError, match=r"model.n_kv_heads = 4 .* num_key_value_heads = 2"):
-        load_hf_weights([model], str(tmp_path), dataclasses.replace(cfg, n_kv_heads=4))
+    mha = dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)
+    match = rf"model.n_kv_heads = {cfg.n_heads} .* num_key_value_heads = {cfg.n_kv_heads}"
+    with pytest.raises(CheckpointError, match=match):
+        load_hf_weights([model], str(tmp_path), mha)
     with pytest.raises(CheckpointError, match="tie_embeddings"):
         load_hf_weights([model], str(tmp_path), dataclasses.replace(cfg, tie_embeddings=True))
     name = "model.layers.1.mlp.up_proj.weight"
     _rewrite(tmp_path, lambda s: s.update({name: s[name][:-1].clone()}))
-    with pytest.raises(CheckpointError, match=rf"{name} has shape \[63, 32\].*\[64, 32\]"):
+    F, D = cfg.ffn_dim, cfg.dim
+    with pytest.raises(CheckpointError, match=rf"{name} has shape \[{F - 1}, {D}\].*\[{F}, {D}\]"):
         load_hf_weights([model], str(tmp_path), cfg)
     _rewrite(tmp_path, lambda s: s.pop(name))
     with pytest.raises(CheckpointError, match=f"{name} is missing"):
         load_hf_weights([model], str(tmp_path), cfg)
     _rewrite(
         tmp_path,
-        lambda s: s.update({name: torch.zeros(64, 32), "model.extra.bias": torch.zeros(3)}),
+        lambda s: s.update({name: torch.zeros(F, D), "model.extra.bias": torch.zeros(3)}),
     )
     with pytest.raises(CheckpointError, match="unexpected tensor model.extra.bias"):
         load_hf_weights([model], str(tmp_path), cfg)

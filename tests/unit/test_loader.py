@@ -9,7 +9,7 @@ import torch
 from distrib.config import DataConfig, TrainingConfig
 from distrib.data.loader import TokenLoader, build_loaders, document_ids
 from distrib.data.shards import TokenShards, write_token_dataset
-from distrib.errors import DataError
+from distrib.errors import ConfigError, DataError
 
 VOCAB = 65536
 EOS = VOCAB - 1  # never equal to a position in the arange streams below
@@ -153,7 +153,7 @@ def test_too_small_and_bad_batch(shards):
     message = str(err.value)
     assert "'train'" in message and "801 tokens" in message and "1,601" in message
     assert "data.seq_len" in message and "training.global_batch_size" in message
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ConfigError, match="not a multiple"):
         _loader(shards, dp_size=4, global_batch=8, micro=4)
 
 
@@ -167,3 +167,33 @@ def test_build_loaders(shards, tmp_path):
     assert train.next_step()[0].doc_ids is not None
     with pytest.raises(DataError, match="split 'val' has 100 tokens"):
         build_loaders(data, TrainingConfig(global_batch_size=64, micro_batch_size=16), 0, 1)
+
+
+def test_pin_memory_gives_the_same_batches_contiguous_and_pinned(shards, monkeypatch):
+    """With pin_memory every tensor that goes to the GPU is copied, once and contiguous, into
+    page-locked memory (faked here: this machine may have no pinned-memory allocator)."""
+    import distrib.data.loader as loader_mod
+
+    copied: list[torch.Tensor] = []
+
+    def fake_pinned(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+        copied.append(out)
+        return out
+
+    monkeypatch.setattr(loader_mod, "pinned", fake_pinned)
+    plain = _loader(shards, document_ids=True).next_step()
+    pinned = _loader(shards, document_ids=True, pin_memory=True).next_step()
+    assert not _loader(shards).pin_memory and len(copied) == 3 * len(pinned)
+    for p, b in zip(pinned, plain, strict=True):
+        for got, want in ((p.inputs, b.inputs), (p.labels, b.labels), (p.doc_ids, b.doc_ids)):
+            assert any(got is c for c in copied) and got.is_contiguous()
+            assert torch.equal(got, want)
+        assert torch.equal(p.sample_ids, b.sample_ids)
+
+
+def test_build_loaders_passes_pin_memory(shards, tmp_path):
+    data = DataConfig(dir=str(tmp_path / "ds"), seq_len=SEQ)
+    training = TrainingConfig(global_batch_size=16, micro_batch_size=2)
+    assert all(not x.pin_memory for x in build_loaders(data, training, 0, 1))
+    assert all(x.pin_memory for x in build_loaders(data, training, 0, 1, pin_memory=True))

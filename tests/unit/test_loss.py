@@ -1,4 +1,4 @@
-"""Unit tests for distrib.loss: the chunked head + loss equals the plain one, in value and in
+"""Unit tests for distrib.models.loss: the chunked head + loss equals the plain one, in value and in
 gradients, without ever holding the whole float32 logits; the compiled loss equals the eager one.
 
 Shape legend: B batch, L sequence, D model dim, V vocab, T tokens (B * L).
@@ -11,15 +11,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import distrib.engine as engine_mod
+import distrib.engines.base as engine_mod
 from distrib.data.loader import Batch
-from distrib.loss import (
+from distrib.models.loss import (
     causal_lm_loss,
     chunked_causal_lm_loss,
     compiled_causal_lm_loss,
 )
-from distrib.models.llama import Transformer
-from tests.tiny import tiny_config
+from distrib.models.transformer import Transformer
+from tests.support.tiny import tiny_config
 
 B, L, D, V = 2, 24, 16, 97
 T = B * L
@@ -127,7 +127,7 @@ def test_chunked_never_allocates_the_whole_logits() -> None:
 
 
 def tiny_model(tie: bool) -> Transformer:
-    cfg = tiny_config(vocab_size=V, max_seq_len=64, attention="sdpa", tie_embeddings=tie)
+    cfg = tiny_config(vocab_size=V, attention="sdpa", tie_embeddings=tie)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")

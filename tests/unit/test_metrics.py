@@ -1,6 +1,5 @@
 """FLOPs per token, device peaks, throughput and the JSONL sink."""
 
-import json
 import math
 import time
 from pathlib import Path
@@ -9,39 +8,40 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from distrib.config import MetricsConfig, ModelConfig
-from distrib.metrics import MetricsLogger, Throughput, flops_per_token, memory_gb, peak_tflops
-from distrib.models.llama import Transformer
+from distrib.config import MetricsConfig
+from distrib.models.transformer import Transformer
+from distrib.train.metrics import MetricsLogger, Throughput, flops_per_token, memory_gb, peak_tflops
+from tests.support.runs import records
+from tests.support.tiny import tiny_config
 
 
 def test_flops_per_token_hand_count() -> None:
-    cfg = ModelConfig(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=16, vocab_size=10)
-    # Per layer: q 8x8, k and v 8x4 each, o 8x8 = 192; SwiGLU 3 x 8 x 16 = 384. Head 10 x 8.
-    matmul_params = 2 * (192 + 384) + 80
-    assert flops_per_token(cfg, seq_len=4) == 6 * matmul_params + 12 * 2 * 4 * 8
+    cfg = tiny_config()
+    # The parameters in matrix products, counted on the model: every linear layer's weight (q, k,
+    # v, o; SwiGLU's three; the output head), not the embedding lookup or the norms.
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 7 * cfg.n_layers + 1
+    matmul_params = sum(m.weight.numel() for m in linears)
+    # Attention's score and value products: 2 x 2 x seq_len x dim per layer forward, x3 in all.
+    seq_len = 16
+    attention = 12 * cfg.n_layers * seq_len * cfg.dim
+    assert flops_per_token(cfg, seq_len) == 6 * matmul_params + attention
 
 
 def test_flops_per_token_matches_flop_counter() -> None:
     """Against PyTorch's own count of one forward + backward (causal attention through eager
     math, which FlopCounterMode sees as full matmuls, as our formula counts them)."""
-    cfg = ModelConfig(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=160,
-        vocab_size=512,
-        max_seq_len=64,
-        attention="eager",
-    )
+    cfg = tiny_config(attention="eager")
     torch.manual_seed(0)
     model = Transformer(cfg)
     model.init_weights()
-    tokens = torch.randint(0, 512, (2, 64))
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
     with FlopCounterMode(display=False) as counter:
         model(tokens).float().sum().backward()
     measured = counter.get_total_flops() / tokens.numel()
-    assert flops_per_token(cfg, 64) == pytest.approx(measured, rel=0.02)
+    assert flops_per_token(cfg, cfg.max_seq_len) == pytest.approx(measured, rel=0.02)
 
 
 def test_peak_lookup_and_override() -> None:
@@ -71,8 +71,7 @@ def test_jsonl_sink_and_disabled_ranks(tmp_path: Path) -> None:
     log.log({"step": 1, "loss": 2.5, "mfu": None})
     log.log({"step": 2, "loss": math.nan})
     log.close()
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{"step": 1, "loss": 2.5, "mfu": None}, {"step": 2, "loss": None}]
+    assert records(tmp_path) == [{"step": 1, "loss": 2.5, "mfu": None}, {"step": 2, "loss": None}]
     quiet = MetricsLogger(cfg, tmp_path / "other", enabled=False, total_steps=2, start_step=0)
     quiet.log({"step": 1})
     quiet.close()

@@ -6,7 +6,6 @@ Shape legend: B batch, L sequence, H query heads, G kv heads, K head dim, V voca
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import subprocess
 import sys
@@ -19,24 +18,16 @@ import distrib.models.attention as attn_mod
 from distrib.config import ModelConfig
 from distrib.models.attention import attention, doc_cu_seqlens, resolve_backend
 from distrib.models.hf import hf_config, to_hf_name
-from distrib.models.llama import Transformer, num_params, rope_cache
+from distrib.models.transformer import Transformer, num_params, rope_cache
+from tests.support.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-V = 97
+V = tiny_config().vocab_size
 
 
 def tiny_cfg(**overrides: object) -> ModelConfig:
-    base = ModelConfig(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=128,
-        vocab_size=V,
-        max_seq_len=64,
-        attention="sdpa",
-    )
-    return dataclasses.replace(base, **overrides)
+    """The tiny model on sdpa attention unless overridden."""
+    return tiny_config(**{"attention": "sdpa", **overrides})
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
@@ -71,7 +62,7 @@ def tied(request: pytest.FixtureRequest) -> bool:
 
 def test_shapes_meta_build(tied: bool) -> None:
     model = build(tiny_cfg(tie_embeddings=tied))
-    assert list(model.layers.keys()) == ["0", "1"]
+    assert list(model.layers.keys()) == [str(i) for i in range(model.cfg.n_layers)]
     assert all(p.device.type == "cpu" for p in model.parameters())
     tokens_BL = torch.randint(0, V, (2, 16))
     logits_BLV = model(tokens_BL)
@@ -80,11 +71,13 @@ def test_shapes_meta_build(tied: bool) -> None:
     assert torch.isfinite(logits_BLV).all()
     # RoPE tables are derived state: not saved, but recomputed correctly after to_empty.
     assert not any("rope" in k for k in model.state_dict())
-    cos_PK, sin_PK = rope_cache(16, 64, model.cfg.rope_theta)
+    cfg = model.cfg
+    cos_PK, sin_PK = rope_cache(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
     assert torch.equal(model.rope_cos, cos_PK) and torch.equal(model.rope_sin, sin_PK)
 
 
 def test_init_deterministic_and_scaled() -> None:
+    # dim 128: enough elements per matrix for the standard deviations below to be within 5%.
     cfg = tiny_cfg(tie_embeddings=False, dim=128, n_heads=4, n_kv_heads=4)
     a, b, c = build(cfg, seed=3), build(cfg, seed=3), build(cfg, seed=4)
     sd_a, sd_b, sd_c = a.state_dict(), b.state_dict(), c.state_dict()
@@ -92,8 +85,8 @@ def test_init_deterministic_and_scaled() -> None:
     assert not torch.equal(
         sd_a["layers.0.attention.wq.weight"], sd_c["layers.0.attention.wq.weight"]
     )
-    assert torch.equal(sd_a["norm.weight"], torch.ones(128))
-    assert torch.equal(sd_a["layers.1.ffn_norm.weight"], torch.ones(128))
+    assert torch.equal(sd_a["norm.weight"], torch.ones(cfg.dim))
+    assert torch.equal(sd_a["layers.1.ffn_norm.weight"], torch.ones(cfg.dim))
     std = cfg.init_std
     assert sd_a["layers.0.attention.wq.weight"].std().item() == pytest.approx(std, rel=0.05)
     assert sd_a["output.weight"].std().item() == pytest.approx(std, rel=0.05)
@@ -111,12 +104,15 @@ def test_tied_embeddings_survive_meta_init_and_count_once() -> None:
 
 
 def test_num_params_hand_counted() -> None:
-    D, F, K, H, G, n_layers = 64, 128, 16, 4, 2, 2
+    cfg = tiny_cfg()
+    D, F, H, G, n_layers = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers
+    K = D // H
+    # wq [H*K, D], wk and wv [G*K, D], wo [D, H*K]; w1, w3 [F, D] and w2 [D, F]; two norms [D].
     per_layer = D * H * K + 2 * D * G * K + H * K * D + 3 * D * F + 2 * D
     body = n_layers * per_layer + D  # blocks + final norm
-    assert body == 73_984 + 64
-    tied_model, untied_model = build(tiny_cfg()), build(tiny_cfg(tie_embeddings=False))
-    assert num_params(tied_model) == body + V * D == 80_256
+    tied_model = build(tiny_cfg(tie_embeddings=True))
+    untied_model = build(tiny_cfg(tie_embeddings=False))
+    assert num_params(tied_model) == body + V * D
     assert num_params(untied_model) == body + 2 * V * D
     # Without the input lookup table, both variants count the output projection's V * D once.
     assert num_params(untied_model, exclude_embeddings=True) == body + V * D
@@ -127,13 +123,17 @@ def test_pipeline_cut_stages_compose() -> None:
     model = build(tiny_cfg(tie_embeddings=False))
     tokens_BL = torch.randint(0, V, (2, 12))
     stage0, stage1 = copy.deepcopy(model), copy.deepcopy(model)
-    del stage0.layers["1"]
+    n_layers = model.cfg.n_layers
+    cut = n_layers // 2
+    for i in range(cut, n_layers):
+        del stage0.layers[str(i)]
     stage0.norm = stage0.output = None
-    del stage1.layers["0"]
+    for i in range(cut):
+        del stage1.layers[str(i)]
     stage1.tok_embeddings = None
     h_BLD = stage0(tokens_BL)
-    assert h_BLD.shape == (2, 12, 64)
-    assert list(stage1.layers.keys()) == ["1"]
+    assert h_BLD.shape == (2, 12, model.cfg.dim)
+    assert list(stage1.layers.keys()) == [str(i) for i in range(cut, n_layers)]
     torch.testing.assert_close(stage1(h_BLD), model(tokens_BL), rtol=0, atol=0)
 
 
@@ -296,7 +296,7 @@ def test_models_do_not_import_torch_distributed() -> None:
     code = (
         "import sys, torch, torch._dynamo\n"
         "before = {m for m in sys.modules if m.startswith('torch.distributed')}\n"
-        "import distrib.models, distrib.models.llama, distrib.models.attention\n"
+        "import distrib.models, distrib.models.transformer, distrib.models.attention\n"
         "after = {m for m in sys.modules if m.startswith('torch.distributed')}\n"
         "assert after == before, sorted(after - before)\n"
     )
@@ -311,16 +311,9 @@ def test_models_do_not_import_torch_distributed() -> None:
 
 def test_init_depends_only_on_seed_and_name() -> None:
     """A pipeline stage (some layers, no head) gets exactly the full model's initial values."""
-    cfg = ModelConfig(
-        dim=32,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=64,
-        vocab_size=40,
-        max_seq_len=16,
-        tie_embeddings=False,
-    )
+    cfg = tiny_config()
+    # The stage below: layers 2 and 3 and an untied head, no embedding.
+    assert cfg.n_layers == 4 and not cfg.tie_embeddings
     full = Transformer(cfg)
     full.init_weights(seed=3)
     with torch.device("meta"):
@@ -334,6 +327,6 @@ def test_init_depends_only_on_seed_and_name() -> None:
     for name, param in stage.named_parameters():
         assert torch.equal(param, reference[name]), name
     value = full.initial_value(
-        "layers.2.attention.wo.weight", torch.Size([32, 32]), torch.device("cpu"), 3
+        "layers.2.attention.wo.weight", torch.Size([cfg.dim, cfg.dim]), torch.device("cpu"), 3
     )
     assert torch.equal(value, reference["layers.2.attention.wo.weight"])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from distrib.config import load_config
-from distrib.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from distrib.engines.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def _training(**kw: object):

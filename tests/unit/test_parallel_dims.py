@@ -3,7 +3,8 @@
 import pytest
 
 from distrib.cli import main
-from distrib.config import ConfigError, ParallelConfig, load_config
+from distrib.config import ParallelConfig, load_config
+from distrib.errors import ConfigError
 from distrib.parallel.dims import ParallelDims
 
 UNTIED = ["--model.tie_embeddings=false"]
@@ -25,12 +26,14 @@ def test_product_must_equal_world() -> None:
 def test_batch_must_split_over_data_parallel_ranks_and_pipeline() -> None:
     cfg = load_config(None, ["--training.global_batch_size=8", "--training.micro_batch_size=4"])
     dims = ParallelDims.from_config(ParallelConfig(dp_shard=2), world_size=2)
-    assert dims.check_batch(cfg.training, 0) == 1
+    assert dims.check_batch(cfg.training, ParallelConfig(dp_shard=2)) == 1
     with pytest.raises(ConfigError, match="not a multiple"):
-        ParallelDims.from_config(ParallelConfig(dp_shard=4), 4).check_batch(cfg.training, 0)
-    pp = ParallelDims.from_config(ParallelConfig(pp=2), 2)
+        ParallelDims.from_config(ParallelConfig(dp_shard=4), 4).check_batch(
+            cfg.training, ParallelConfig(dp_shard=4)
+        )
+    three = ParallelConfig(pp=2, pp_microbatches=3)
     with pytest.raises(ConfigError, match=r"pp_microbatches \(3\) must divide"):
-        pp.check_batch(cfg.training, 3)
+        ParallelDims.from_config(three, 2).check_batch(cfg.training, three)
 
 
 @pytest.mark.parametrize(

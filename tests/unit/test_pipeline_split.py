@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distrib.config import ModelConfig
-from distrib.models.llama import Transformer
-from distrib.parallel.pipeline import build_stage, stage_layers, stages_of_rank
+from distrib.config.rules import check_tied_embeddings, stage_layers
+from distrib.errors import ConfigError
+from distrib.models.transformer import Transformer
+from distrib.parallel.pipeline import build_stage, stages_of_rank
+from tests.support.tiny import tiny_config
 
-CFG = ModelConfig(
-    dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=96, tie_embeddings=False
-)
+CFG = tiny_config()  # 4 layers, untied: stages of layers [0, 1], [2] and [3] below
 
 
 def test_stage_layers_even() -> None:
@@ -37,14 +37,14 @@ def test_stage_layers_explicit_split_points() -> None:
 def test_stage_layers_rejects_impossible_cuts(
     n_layers: int, num_stages: int, points: list[int] | None
 ) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         stage_layers(n_layers, num_stages, points)
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_stages_of_rank_single(schedule: str) -> None:
     assert [stages_of_rank(r, 4, 1, schedule) for r in range(4)] == [[0], [1], [2], [3]]
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         stages_of_rank(0, 4, 2, schedule)
 
 
@@ -55,7 +55,7 @@ def test_stages_of_rank_looped(schedule: str) -> None:
     # Every stage is held by exactly one rank.
     held = sorted(s for r in range(4) for s in stages_of_rank(r, 4, 3, schedule))
     assert held == list(range(12))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         stages_of_rank(0, 2, 1, schedule)
 
 
@@ -96,9 +96,9 @@ def test_build_stage_parameters_partition_the_whole_model() -> None:
     assert all(p.is_meta for stage in stages for p in stage.parameters())
 
 
-def test_build_stage_rejects_split_tied_embeddings() -> None:
-    tied = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=True)
-    with pytest.raises(ValueError, match="tied"):
-        build_stage(tied, [0], first=True, last=False)
-    whole = build_stage(tied, [0, 1], first=True, last=True)
+def test_tied_embeddings_cannot_be_split_across_stages() -> None:
+    tied = tiny_config(tie_embeddings=True)
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        check_tied_embeddings(tied, tp=1, pp=2)  # what build_pipeline checks first
+    whole = build_stage(tied, list(range(tied.n_layers)), first=True, last=True)
     assert whole.output.weight is whole.tok_embeddings.weight

@@ -112,3 +112,53 @@ def test_mpirun_environments(env: dict[str, str]) -> None:
     info = detect_launch({**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"})
     assert (info.rank, info.world_size, info.local_rank, info.launcher) == (1, 2, 1, "mpi")
     assert (info.master_addr, info.master_port) == ("127.0.0.1", 29555)
+
+
+@pytest.fixture
+def no_mpi4py(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the launch detection goes into mpi4py (which initializes MPI)."""
+    from distrib.launchers import mpi
+
+    def refuse(why: str) -> None:
+        raise AssertionError(f"went into mpi4py ({why})")
+
+    monkeypatch.setattr(mpi, "_mpi", refuse)
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        {"PMI_RANK": "0", "PMI_SIZE": "1"},
+        {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"},
+        {"PMIX_RANK": "0", "PMIX_SIZE": "1", "PMI_RANK": "0", "PMI_SIZE": "1"},
+    ],
+    ids=["pmi", "ompi", "pmix+pmi"],
+)
+def test_stray_mpi_variables_of_a_world_of_one_are_no_launch(
+    monkeypatch: pytest.MonkeyPatch, no_mpi4py: None, stray: dict[str, str]
+) -> None:
+    """A container image that exports PMI_* / OMPI_* for a lone process: one process, no MPI,
+    no process group (as for a one-task srun step)."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in stray.items():
+        monkeypatch.setenv(key, value)
+    info = detect_launch()
+    assert (info.rank, info.world_size, info.launcher, info.distributed) == (0, 1, "none", False)
+    runtime = init_runtime()
+    assert runtime.world_size == 1 and not torch.distributed.is_initialized()
+    shutdown()
+
+
+def test_stray_world_of_one_does_not_hide_a_real_mpirun(no_mpi4py: None) -> None:
+    env = {
+        "PMI_RANK": "0",
+        "PMI_SIZE": "1",  # stray, from the image
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_SIZE": "2",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29555",
+    }
+    info = detect_launch(env)
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (1, 2, 1, "mpi")

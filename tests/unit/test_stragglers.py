@@ -2,7 +2,7 @@
 
 import pytest
 
-from distrib.stragglers import summarize
+from distrib.train.stragglers import summarize
 
 
 def test_lagging_rank_is_flagged_and_fast_ones_are_not() -> None:

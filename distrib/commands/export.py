@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from distrib.checkpoint.run import load_run
 from distrib.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from distrib.errors import ExportError
-from distrib.generate import load_run
 from distrib.models.hf import hf_config, to_hf_state_dict
-from distrib.models.llama import Transformer
+from distrib.models.transformer import Transformer
 
 FORMATS = ("hf",)
 DEFAULT_MAX_SHARD_SIZE = "5GB"

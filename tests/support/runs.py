@@ -1,5 +1,5 @@
-"""The real `distrib train` command line, in one process or under torchrun, for the tests that
-compare layouts and runs: the model they share, the command, and reading metrics.jsonl."""
+"""Running the real `distrib train` command line, in one process or under torchrun, and reading
+what a run logs: the one reader of `<run_dir>/metrics.jsonl` for every test."""
 
 from __future__ import annotations
 
@@ -11,19 +11,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
-
-# Debug-shaped but small: 4 layers so that pipelines get 2 stages of 2 or 4 stages of 1, heads
-# divisible by tp=2, untied embeddings so that tp and pp may split them.
-MODEL = [
-    "--model.dim=64",
-    "--model.n_layers=4",
-    "--model.n_heads=4",
-    "--model.n_kv_heads=2",
-    "--model.ffn_dim=128",
-    "--model.vocab_size=512",
-    "--model.max_seq_len=64",
-    "--model.tie_embeddings=false",
-]
 
 
 def train_command(nproc: int, args: list[str], restarts: int = 0) -> list[str]:
@@ -64,9 +51,13 @@ def run_train(nproc: int, args: list[str], code: int = 0, timeout: float = 600) 
 
 
 def records(run_dir: Path) -> list[dict]:
-    """Every record of `<run_dir>/metrics.jsonl`, in order."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    """Every record of `<run_dir>/metrics.jsonl`, in order: none before the file exists, and
+    only whole lines, so a run that is still writing may be read at any time."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    *lines, _unfinished = path.read_text().split("\n")
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -74,8 +65,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(r["step"] >= step for r in records(run_dir)):
+        if any(r["step"] >= step for r in records(run_dir)):
             return
         time.sleep(0.05)
     raise AssertionError(f"no step {step} within {timeout} s")

@@ -18,11 +18,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Remembers a stop signal until the training loop reaches a step boundary."""
+    """Remembers a stop signal until the training loop reaches a step boundary.
+
+    Ranks agree over a gloo group of CPU tensors of their own: an exchange over the training
+    group (NCCL on GPUs) would need a device tensor, and reading it back (`.item()`) would make
+    the host wait for the device after every step, which nothing else in an unlogged step does.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
+        self._group: dist.ProcessGroup | None = None
+        if dist.is_available() and dist.is_initialized():
+            # Every rank builds the trainer, so every rank creates the group together.
+            self._group = dist.new_group(backend="gloo")
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only record it: checkpointing inside a signal handler could interrupt a collective.
@@ -38,16 +47,16 @@ class StopRequest:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def agreed(self, device: torch.device) -> bool:
+    def agreed(self) -> bool:
         """Whether any rank has been signalled; every rank must call this at the same step.
         Afterwards every rank knows the signal (the highest number, if ranks got different
         ones), so that rank 0 can report it."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if self._group is None:
             return self.signal is not None
-        t = torch.tensor([float(self.signal or 0)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() > 0:
-            self.signal = int(t.item())
+        t = torch.tensor([self.signal or 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
+        if int(t) > 0:
+            self.signal = int(t)
         return self.signal is not None
 
     def name(self) -> str:

@@ -1,20 +1,24 @@
 """The checks of a whole config: values that cannot work, alone or together.
 
-`distrib.config` parses (unknown keys, types, choices) and calls `validate` on every config it
-builds; what can be checked without knowing the world size is checked here, before any process
-group starts (`ParallelDims` checks the rest).
+`distrib.config.load` parses (unknown keys, types, choices) and calls `validate` on every config
+it builds; what can be checked without knowing the world size is checked here, before any
+process group starts (`ParallelDims` checks the rest). Rules that a builder applies too live in
+`distrib.config.rules`, and are only called from here.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from distrib.config import rules
+from distrib.config.sections import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainingConfig,
+)
 from distrib.errors import ConfigError
-
-if TYPE_CHECKING:  # distrib.config imports this module; the types are for annotations only
-    from distrib.config import Config, DataConfig, ModelConfig, ParallelConfig, TrainingConfig
 
 
 def _check(ok: bool, message: str) -> None:
@@ -24,8 +28,24 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject impossible values; messages name the key and what would be valid. (Unknown keys
-    and choices outside a field's list are refused by `distrib.config` itself.)"""
+    and choices outside a field's `Literal` are refused by `distrib.config.load` itself.)"""
     m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.parallel
+    _validate_model(m)
+    _validate_data(d, m)
+    _validate_training(t)
+    _validate_parallel(p, m, d, t)
+    _validate_compute(t, p)
+    _check(
+        not (p.engine == "deepspeed" and cfg.checkpoint.async_save),
+        "checkpoint.async = true is not supported with parallel.engine = 'deepspeed' "
+        "(DeepSpeed's save_checkpoint has no background mode); set checkpoint.async = false",
+    )
+    if p.dp_replicate > 0 and p.dp_shard > 0:
+        rules.grad_accum_steps(t, p.dp_replicate * p.dp_shard)
+    _validate_run(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     _check(
@@ -38,6 +58,13 @@ def validate(cfg: Config) -> None:
         f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads}) into an even head dim",
     )
     _check(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps must be > 0")
+    _check(
+        m.init_from == "" or m.init_from.startswith("hf:"),
+        f"model.init_from = '{m.init_from}': expected 'hf:/path/to/folder' or empty",
+    )
+
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _check(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
     _check(
         d.seq_len <= m.max_seq_len,
@@ -46,16 +73,13 @@ def validate(cfg: Config) -> None:
     )
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _check(d.max_documents >= 0, f"data.max_documents must be >= 0, got {d.max_documents}")
+
+
+def _validate_training(t: TrainingConfig) -> None:
     _check(t.steps > 0, f"training.steps must be positive, got {t.steps}")
     _check(t.stop_at_step >= 0, f"training.stop_at_step must be >= 0, got {t.stop_at_step}")
-    _check(
-        t.micro_batch_size > 0,
-        f"training.micro_batch_size must be positive, got {t.micro_batch_size}",
-    )
-    _check(
-        t.global_batch_size > 0,
-        f"training.global_batch_size must be positive, got {t.global_batch_size}",
-    )
+    for key in ("micro_batch_size", "global_batch_size", "spike_window"):
+        _check(getattr(t, key) > 0, f"training.{key} must be positive, got {getattr(t, key)}")
     _check(
         t.lr > 0 and 0 <= t.min_lr <= t.lr,
         f"need 0 <= training.min_lr ({t.min_lr}) <= training.lr ({t.lr}) and lr > 0",
@@ -77,15 +101,14 @@ def validate(cfg: Config) -> None:
         t.eval_every >= 0 and t.eval_steps > 0,
         "training.eval_every must be >= 0 and training.eval_steps > 0",
     )
-    _validate_parallel(p, m, d, t)
-    _validate_compute(t, p)
     _check(
-        not (p.engine == "deepspeed" and cfg.checkpoint.async_save),
-        "checkpoint.async = true is not supported with parallel.engine = 'deepspeed' "
-        "(DeepSpeed's save_checkpoint has no background mode); set checkpoint.async = false",
+        t.spike_threshold == 0 or t.spike_threshold > 1,
+        f"training.spike_threshold must be 0 (off) or > 1, got {t.spike_threshold}",
     )
-    if p.dp_replicate > 0 and p.dp_shard > 0:
-        grad_accum_steps(t, p.dp_replicate * p.dp_shard)
+
+
+def _validate_run(cfg: Config) -> None:
+    """Checkpoints, metrics and the debug switches."""
     c = cfg.checkpoint
     _check(c.interval >= 0 and c.keep >= 0, "checkpoint.interval and checkpoint.keep must be >= 0")
     _check(c.resume != "", "checkpoint.resume must be auto, never, or a checkpoint path")
@@ -100,15 +123,6 @@ def validate(cfg: Config) -> None:
     )
     _check(cfg.debug.straggler_sleep_s >= 0, "debug.straggler_sleep_s must be >= 0")
     _check(cfg.debug.nan_at_step >= 0, "debug.nan_at_step must be >= 0 (0: off)")
-    _check(
-        t.spike_threshold == 0 or t.spike_threshold > 1,
-        f"training.spike_threshold must be 0 (off) or > 1, got {t.spike_threshold}",
-    )
-    _check(t.spike_window > 0, f"training.spike_window must be positive, got {t.spike_window}")
-    _check(
-        m.init_from == "" or m.init_from.startswith("hf:"),
-        f"model.init_from = '{m.init_from}': expected 'hf:/path/to/folder' or empty",
-    )
 
 
 def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: TrainingConfig) -> None:
@@ -131,24 +145,13 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
                 f"parallel.tp ({p.tp}) must divide model.{key} ({value}); valid tp: "
                 f"{[t for t in range(1, value + 1) if value % t == 0 and m.n_kv_heads % t == 0][:8]}",
             )
-    _check(
-        not (m.tie_embeddings and (p.tp > 1 or p.pp > 1 or p.tp == -1 or p.pp == -1)),
-        "model.tie_embeddings = true cannot be combined with parallel.tp or parallel.pp > 1 "
-        "(the shared weight would live on two stages or in two layouts); untie the embeddings",
-    )
+    rules.check_tied_embeddings(m, p.tp, p.pp)
     _validate_pipeline(p, m, d, t)
 
 
 def _validate_compute(t: TrainingConfig, p: ParallelConfig) -> None:
-    _check(
-        0.0 <= p.activation_memory_budget <= 1.0,
-        f"parallel.activation_memory_budget must be in [0, 1] (the share of activations to "
-        f"keep), got {p.activation_memory_budget}",
-    )
-    _check(
-        p.activation_checkpoint != "memory_budget" or t.compile,
-        "parallel.activation_checkpoint = 'memory_budget' needs training.compile = true (the "
-        "compiler chooses what to recompute); set training.compile = true or use 'selective'",
+    rules.check_activation_checkpoint(
+        p.activation_checkpoint, p.activation_memory_budget, t.compile
     )
     _check(
         t.loss_chunk_tokens >= 0,
@@ -166,16 +169,8 @@ def _validate_compute(t: TrainingConfig, p: ParallelConfig) -> None:
         "reads the output weight, which ZeRO-3 gathers only around the output layer's own "
         "forward); use parallel.zero_stage <= 2, the native engine, or loss_chunk_tokens = 0",
     )
-    _check(
-        not t.float8 or (p.engine == "native" and p.tp == 1),
-        "training.float8 = true needs parallel.engine = 'native' and parallel.tp = 1 (DeepSpeed "
-        "and the tensor-parallel plan have no float8 linears); set training.float8 = false",
-    )
-    _check(
-        not t.float8 or importlib.util.find_spec("torchao") is not None,
-        "training.float8 = true needs torchao (pip install torchao on a CUDA machine); "
-        "set training.float8 = false",
-    )
+    if t.float8:
+        rules.check_float8(p.engine, p.tp)
 
 
 def _validate_deepspeed(p: ParallelConfig) -> None:
@@ -218,26 +213,15 @@ def _validate_deepspeed(p: ParallelConfig) -> None:
 
 
 def _validate_pipeline(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: TrainingConfig) -> None:
-    interleaved = p.pp_schedule in ("interleaved_1f1b", "zero_bubble")
     _check(
         p.pp_stages_per_rank >= 1 and p.pp_microbatches >= 0,
         "parallel.pp_stages_per_rank must be >= 1 and pp_microbatches >= 0",
     )
-    if interleaved:
-        _check(
-            p.pp_stages_per_rank >= 2,
-            f"parallel.pp_schedule = '{p.pp_schedule}' needs parallel.pp_stages_per_rank >= 2",
-        )
-    else:
-        _check(
-            p.pp_stages_per_rank == 1,
-            f"parallel.pp_stages_per_rank = {p.pp_stages_per_rank} needs an interleaved schedule "
-            "(interleaved_1f1b or zero_bubble); gpipe and 1f1b hold one stage per rank",
-        )
+    rules.check_stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
     if p.pp == 1 and p.pp_split_points == "":
         return
     if p.pp > 1:
-        stages = p.pp * p.pp_stages_per_rank
+        stages = rules.num_stages(p)
         _check(
             stages <= m.n_layers,
             f"parallel.pp ({p.pp}) x pp_stages_per_rank ({p.pp_stages_per_rank}) = {stages} stages "
@@ -248,63 +232,10 @@ def _validate_pipeline(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
             "data.cross_document_attention = false is not supported with parallel.pp > 1 "
             "(document ids do not travel between pipeline stages)",
         )
-    if p.pp_split_points:
-        split_points(p, m.n_layers)
-    if p.pp > 1:
-        _validate_pipeline_microbatches(p, t)
-
-
-def _validate_pipeline_microbatches(p: ParallelConfig, t: TrainingConfig) -> None:
-    # The rules torch.distributed.pipelining's schedules enforce, checked here so they fail
-    # before any process starts.
-    n = p.pp_microbatches or t.micro_batch_size
-    what = (
-        f"{n} pipeline micro-batch(es) (parallel.pp_microbatches, else training.micro_batch_size)"
-    )
-    if p.pp_schedule == "1f1b":
-        _check(n >= p.pp, f"1f1b needs at least parallel.pp ({p.pp}) micro-batches; got {what}")
-    if p.pp_schedule in ("interleaved_1f1b", "zero_bubble"):
-        rounds = max(1, n // p.pp)
+        rules.pipeline_microbatches(p, t.micro_batch_size)
         _check(
-            n % rounds == 0,
-            f"{p.pp_schedule} cannot split {what} over pp = {p.pp}: use a multiple of {p.pp}",
+            not (p.pp_schedule == "zero_bubble" and t.compile),
+            "parallel.pp_schedule = 'zero_bubble' cannot run compiled blocks (its split backward "
+            "is not supported under torch.compile); set training.compile = false or use 1f1b",
         )
-    _check(
-        not (p.pp_schedule == "zero_bubble" and t.compile),
-        "parallel.pp_schedule = 'zero_bubble' cannot run compiled blocks (its split backward is "
-        "not supported under torch.compile); set training.compile = false or use 1f1b",
-    )
-
-
-def split_points(p: ParallelConfig, n_layers: int) -> list[int]:
-    """The first layer of every stage after the first, from `parallel.pp_split_points`."""
-    try:
-        points = [int(x) for x in p.pp_split_points.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"parallel.pp_split_points = '{p.pp_split_points}': expected comma-separated layer "
-            "indices such as '4,8,12'"
-        ) from None
-    stages = max(p.pp, 1) * p.pp_stages_per_rank
-    _check(
-        len(points) == stages - 1,
-        f"parallel.pp_split_points has {len(points)} point(s); {stages} stages need {stages - 1}",
-    )
-    _check(
-        all(a < b for a, b in zip([0, *points], [*points, n_layers], strict=True)),
-        f"parallel.pp_split_points {points} must increase strictly within (0, {n_layers})",
-    )
-    return points
-
-
-def grad_accum_steps(training: TrainingConfig, dp_degree: int) -> int:
-    """Micro-batches per optimizer step on each data-parallel rank; the global batch must divide."""
-    per_step = training.micro_batch_size * dp_degree
-    if training.global_batch_size % per_step:
-        valid = [n for n in range(per_step, 4 * training.global_batch_size + 1, per_step)][:4]
-        raise ConfigError(
-            f"training.global_batch_size ({training.global_batch_size}) is not a multiple of "
-            f"training.micro_batch_size ({training.micro_batch_size}) x data-parallel degree "
-            f"({dp_degree}); valid global batch sizes include {valid}"
-        )
-    return training.global_batch_size // per_step
+    rules.split_points(p, m.n_layers)

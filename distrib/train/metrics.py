@@ -19,10 +19,16 @@ from distrib.config import MetricsConfig, ModelConfig
 from distrib.errors import ConfigError
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bfloat16, float32 via TF32
-# tensor cores). Matched by substring of the CUDA device name, most specific first.
+# tensor cores). Matched by substring of the CUDA device name, most specific first. Hopper, from
+# NVIDIA's H100 and H200 Tensor Core GPU data sheets, which quote the sparse rate (halved here):
+# SXM (H100, H200, GH200) BF16 1,979 / TF32 989; H100 NVL and H200 NVL 1,671 / 835; H100 PCIe
+# 1,513 / 756. Device names: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 NVL", "NVIDIA H100
+# PCIe", "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA GH200 480GB".
 PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
     ("GH200", (989.0, 494.0)),
+    ("H200 NVL", (835.0, 417.0)),
     ("H200", (989.0, 494.0)),
+    ("H100 NVL", (835.0, 417.0)),
     ("H100 PCIe", (756.0, 378.0)),
     ("H100", (989.0, 494.0)),
     ("H800", (989.0, 494.0)),

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distrib.config import ModelConfig
-from distrib.loss import causal_lm_loss, chunked_causal_lm_loss
-from distrib.models.attention import attention
+from distrib.models.attention import attention, document_segments
+from distrib.models.loss import causal_lm_loss, chunked_causal_lm_loss
 
 
 def rope_cache(
@@ -240,6 +240,8 @@ class Transformer(nn.Module):
         # The full RoPE tables go down and each attention slices them to the length it sees:
         # under sequence parallelism the residual stream here holds only this rank's positions,
         # while attention works on all of them.
+        # flash_attn's varlen layout of the documents, once here rather than in every layer.
+        doc_ids_BL = document_segments(doc_ids_BL, self.cfg.attention)
         for layer in self.layers.values():
             h_BLD = layer(h_BLD, self.rope_cos, self.rope_sin, doc_ids_BL)
         if self.norm is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from distrib.config import Config, ParallelConfig, TrainingConfig
+from distrib.config.rules import grad_accum_steps
 from distrib.errors import ConfigError
-from distrib.validation import grad_accum_steps
 
 # Keys distrib itself depends on (the loader is sized by the batch keys; the accept veto and the
 # schedule assume no loss scaling): an override may repeat them but not change them.

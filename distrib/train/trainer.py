@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import shutil
@@ -13,16 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from distrib import checkpoint as ckpt
 from distrib.config import Config, DataConfig, ModelConfig, to_dict
-from distrib.data.loader import Batch, TokenLoader, build_loaders
+from distrib.data.loader import TokenLoader, build_loaders
 from distrib.data.shards import TokenShards
-from distrib.engine import Engine, NativeEngine, StepResult
+from distrib.engines.base import Engine, StepResult
+from distrib.engines.build import build_engine
 from distrib.errors import ConfigError, TrainingDiverged
-from distrib.guard import LossGuard, failing_ranks
-from distrib.metrics import (
+from distrib.models.build import build_on_meta
+from distrib.models.transformer import num_params
+from distrib.runtime import Runtime, seed_everything
+from distrib.train.faults import Faults
+from distrib.train.guard import LossGuard, failing_ranks
+from distrib.train.metrics import (
     MetricsLogger,
     StepTimes,
     Throughput,
@@ -30,10 +33,8 @@ from distrib.metrics import (
     memory_stats,
     peak_tflops,
 )
-from distrib.models.llama import Transformer, num_params
-from distrib.runtime import Runtime, rng_state, seed_everything, set_rng_state
-from distrib.signals import StopRequest
-from distrib.stragglers import StragglerMonitor
+from distrib.train.signals import StopRequest
+from distrib.train.stragglers import StragglerMonitor
 
 
 def check_dataset(data: DataConfig, model: ModelConfig) -> TokenShards:
@@ -48,85 +49,12 @@ def check_dataset(data: DataConfig, model: ModelConfig) -> TokenShards:
     return shards
 
 
-def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> nn.Module:
-    """The whole model for one process (generation, benchmarks): built on the meta device, then
-    materialized on `device` and initialized. `build_engine` does the same with the layout
-    applied in between, so each rank only ever allocates its own shard."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights(seed)
-    return model
-
-
-def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
-    """Build the model on meta, parallelize it as `cfg.parallel` says (whole, or cut into this
-    rank's pipeline stages), materialize it and wrap it in the engine.
-
-    Returns the engine and this rank's (data-parallel rank, data-parallel size).
-    """
-    if cfg.parallel.engine == "deepspeed":
-        from distrib.deepspeed_engine import build_deepspeed_engine
-
-        return build_deepspeed_engine(cfg, runtime)
-    from distrib.parallel.dims import ParallelDims, dp_coordinate
-    from distrib.parallel.init import materialize
-    from distrib.parallel.parallelize import parallelize, uses_fsdp
-    from distrib.parallel.tensor import loss_context
-
-    dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
-    mesh = dims.build_mesh(runtime.device.type) if runtime.world_size > 1 else None
-    apply = functools.partial(
-        parallelize,
-        dims=dims,
-        mesh=mesh,
-        parallel=cfg.parallel,
-        training=cfg.training,
-        device=runtime.device,
-    )
-    loss_ctx = functools.partial(loss_context, dims.tp > 1 and cfg.parallel.loss_parallel)
-    seed, pipeline = cfg.training.seed, None
-    if dims.pp > 1:
-        from distrib.parallel.pipeline import build_pipeline
-
-        assert mesh is not None
-        pipeline = build_pipeline(
-            cfg.model,
-            cfg.parallel,
-            mesh["pp"],
-            runtime.device,
-            seed,
-            cfg.training.micro_batch_size,
-            apply,
-            loss_ctx,
-        )
-        parts = list(pipeline.parts)
-    else:
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        apply(model)
-        materialize(model, runtime.device, seed)
-        parts = [model]
-    if cfg.model.init_from:
-        from distrib.models.hf import load_hf_weights
-
-        load_hf_weights(parts, cfg.model.init_from.removeprefix("hf:"), cfg.model)
-    engine = NativeEngine(
-        parts,
-        cfg.training,
-        runtime.device,
-        pipeline=pipeline,
-        loss_context=loss_ctx,
-        autocast=not uses_fsdp(dims),
-        pp_group=mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None,
-        num_loss_ranks=dims.dp * dims.tp,
-    )
-    dp_rank, dp_size = dp_coordinate(mesh) if mesh is not None else (0, 1)
-    return engine, dp_rank, dp_size
-
-
-def build_data(cfg: Config, dp_rank: int, dp_size: int) -> tuple[TokenLoader, TokenLoader]:
-    return build_loaders(cfg.data, cfg.training, dp_rank, dp_size)
+def build_data(
+    cfg: Config, dp_rank: int, dp_size: int, pin_memory: bool = False
+) -> tuple[TokenLoader, TokenLoader]:
+    """This rank's training and validation loaders; `pin_memory` for a CUDA device, so the
+    copies of its batches to the device overlap with compute."""
+    return build_loaders(cfg.data, cfg.training, dp_rank, dp_size, pin_memory=pin_memory)
 
 
 # More rollbacks than this in one run means the divergence is not one bad batch.
@@ -147,8 +75,11 @@ class Trainer:
         self.run_dir = Path(cfg.job.run_dir)
         check_dataset(cfg.data, cfg.model)
         seed_everything(cfg.training.seed)
+        self.engine: Engine
         self.engine, self.dp_rank, self.dp_size = build_engine(cfg, runtime)
-        self.train_loader, self.val_loader = build_data(cfg, self.dp_rank, self.dp_size)
+        self.train_loader, self.val_loader = build_data(
+            cfg, self.dp_rank, self.dp_size, pin_memory=runtime.device.type == "cuda"
+        )
         info = {
             "engine": cfg.parallel.engine,
             "world_size": runtime.world_size,
@@ -156,44 +87,42 @@ class Trainer:
             "config": to_dict(cfg),
         }
         self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir, info)
-        self.step = 0
-        # Steps whose batch is passed over after a rollback (training.on_nonfinite = rollback).
-        self.skip_steps: list[int] = []
+        # The step reached, and the steps whose batch is passed over after a rollback
+        # (training.on_nonfinite = rollback).
+        self.state = ckpt.TrainState()
         self.rollbacks = 0
         self.guard = LossGuard(cfg.training.spike_threshold, cfg.training.spike_window)
         self.stop = StopRequest()
+        self.faults = Faults(cfg.debug, runtime.rank, self.run_dir)
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         # What the progress bar shows until the first logged step: no loss rather than "nan".
         self._shown: tuple[float | None, float, float | None] = (None, cfg.training.lr, None)
 
-    def extra_state(self) -> dict[str, Any]:
-        """What a resumed run needs beside the engine's state to continue exactly."""
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: the engine's state, the loader's
+        position, the train state and this rank's random generators."""
         return {
+            **self.engine.checkpoint_state(),
             "train_loader": self.train_loader,
-            "step": self.step,
-            "skip_steps": list(self.skip_steps),
-            ckpt.rng_key(self.runtime.rank): rng_state(),
+            "train": self.state,
+            "rng": ckpt.RNGState(self.runtime.rank),
         }
 
     def save_checkpoint(self, background: bool) -> Path:
-        """Every rank together: the engine's state and `extra_state()` at the current step."""
-        extra = self.extra_state()
-
-        def write(folder: Path, bg: bool) -> Any:
-            c = self.checkpointer
-            return self.engine.save(folder, extra, bg, process_group=c.group, stager=c.stager)
-
-        return self.checkpointer.save(self.step, write, background)
+        """Every rank together: the checkpoint of the current step."""
+        return self.checkpointer.save(self.step, self.checkpoint_state(), background)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore engine, loader, step, skipped steps and this rank's RNG from `path`."""
-        extra = self.extra_state()
-        self.engine.load(path, extra)
-        self.step = int(extra["step"])
-        self.skip_steps = [int(s) for s in extra["skip_steps"]]
-        key = ckpt.rng_key(self.runtime.rank)
-        if isinstance(extra.get(key), dict):
-            set_rng_state(extra[key])
+        self.checkpointer.load(path, self.checkpoint_state())
 
     def resume(self, report: Callable[[str], None]) -> Path | None:
         """Load the checkpoint `checkpoint.resume` points at, if any; damaged ones are reported
@@ -211,8 +140,7 @@ class Trainer:
         # Generation and export need the tokenizer even if the dataset folder moves later.
         shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
         cfg = self.cfg
-        with torch.device("meta"):
-            n = num_params(Transformer(cfg.model))
+        n = num_params(build_on_meta(cfg.model))
         log.write(
             f"model: {n / 1e6:.2f}M parameters, "
             f"{flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOP/token; "
@@ -227,20 +155,31 @@ class Trainer:
         losses = [self.engine.eval_loss(self.val_loader.next_step()) for _ in range(steps)]
         return float(torch.stack(losses).mean())
 
-    def train(self) -> dict[str, Any]:
-        """Run from the current step to `training.steps` (or a stop signal); returns the last
-        logged record."""
-        t, m = self.cfg.training, self.cfg.metrics
+    def _resume_and_open_log(self) -> MetricsLogger:
+        """Resume (reporting damaged checkpoints passed over), then open the metrics log at
+        the step reached and write the run folder's config and tokenizer."""
         notes: list[str] = []
         resumed = self.resume(notes.append)
         log = MetricsLogger(
-            m, self.run_dir, self.runtime.is_main, t.steps, self.step, to_dict(self.cfg)
+            self.cfg.metrics,
+            self.run_dir,
+            self.runtime.is_main,
+            self.cfg.training.steps,
+            self.step,
+            to_dict(self.cfg),
         )
         self._prepare_run_dir(log)
         for note in notes:
             log.write(note)
         if resumed is not None:
             log.write(f"resumed from {resumed} at step {self.step}")
+        return log
+
+    def train(self) -> dict[str, Any]:
+        """Run from the current step to `training.steps` (or a stop signal); returns the last
+        logged record."""
+        t, m = self.cfg.training, self.cfg.metrics
+        log = self._resume_and_open_log()
         peak = peak_tflops(self.runtime.device, t.dtype, m.peak_tflops)
         meter = Throughput(
             # Per-device figures divide by every device, not just the data-parallel ones.
@@ -259,17 +198,17 @@ class Trainer:
             while self.step < last:
                 step_start = time.perf_counter()
                 batches = self.train_loader.next_step()
-                self._record_samples(batches)
-                self._debug_sleep()
+                self.faults.record_samples(self.step + 1, batches)
+                self.faults.sleep()
                 ready_at = time.time()  # wall clock: compared across ranks (see stragglers.py)
                 times.add("time_data_s", time.perf_counter() - step_start)
-                passed_over = self.step + 1 in self.skip_steps
-                result = self.engine.train_step(
-                    batches,
-                    timed=self._logs(self.step + 1),
-                    accept=_refuse if passed_over else self.guard,
-                    poison=self._poisoned(self.step + 1),
-                )
+                passed_over = self.step + 1 in self.state.skip_steps
+                with self.faults.step_context(self.engine.model, self.step + 1):
+                    result = self.engine.train_step(
+                        batches,
+                        timed=self._logs(self.step + 1),
+                        accept=_refuse if passed_over else self.guard,
+                    )
                 lr = self.engine.lr()  # the rate this step used; the scheduler has moved on
                 self.step += 1
                 if passed_over:
@@ -280,7 +219,7 @@ class Trainer:
                 monitor.record(ready_at, time.perf_counter() - step_start)
                 lagging = monitor.check() if monitor.due(self.step) else None
                 record = self._after_step(result, lr, meter, log, start, times, lagging)
-                if self.stop.agreed(self.runtime.device):
+                if self.stop.agreed():
                     self._stop_for_signal(log)
                     break
             self.checkpointer.wait()
@@ -288,10 +227,6 @@ class Trainer:
             self.stop.uninstall()
             log.close()
         return record
-
-    def _poisoned(self, step: int) -> bool:
-        d = self.cfg.debug
-        return d.nan_at_step == step and d.nan_rank in (-1, self.runtime.rank)
 
     def _refused(self, result: StepResult, log: MetricsLogger) -> bool:
         """React to an update the guard refused, as `training.on_nonfinite` says; True when
@@ -323,7 +258,7 @@ class Trainer:
             )
         bad = self.step
         self.load_checkpoint(path)
-        self.skip_steps = sorted({*self.skip_steps, bad})
+        self.state.skip_steps = sorted({*self.state.skip_steps, bad})
         log.write(
             f"step {bad}: {what} {where}: rolled back to {path} (step {self.step}); "
             f"the batch of step {bad} will be passed over"
@@ -345,23 +280,6 @@ class Trainer:
         t = self.cfg.training
         evaluates = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
         return step % self.cfg.metrics.log_every == 0 or evaluates or step == t.steps
-
-    def _record_samples(self, batches: list[Batch]) -> None:
-        """With debug.record_samples, log which sequences this rank trains on at this step, so
-        that a test can prove every sample is consumed exactly once across resumes."""
-        if not self.cfg.debug.record_samples:
-            return
-        folder = self.run_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        ids = [int(i) for b in batches if b.sample_ids is not None for i in b.sample_ids]
-        line = json.dumps({"step": self.step + 1, "samples": ids})
-        with (folder / f"rank{self.runtime.rank}.jsonl").open("a") as f:
-            f.write(line + "\n")
-
-    def _debug_sleep(self) -> None:
-        d = self.cfg.debug
-        if d.straggler_sleep_s > 0 and self.runtime.rank == d.straggler_rank:
-            time.sleep(d.straggler_sleep_s)
 
     def _after_step(
         self,

@@ -1,26 +1,18 @@
-"""Typed, nested run configuration: dataclass defaults < TOML file < `--section.key=value`.
+"""The run configuration's sections: typed dataclasses whose field docs are the `--help` text.
 
-Each component receives only its own section. Every field's one-line `help` is the `--help` text.
-Anything wrong (unknown key, wrong type, impossible value) raises `ConfigError` naming the key and
-what would be valid, before any work starts.
+A field whose type is a `Literal[...]` accepts only those values; `distrib.config.load` refuses
+anything else with the nearest valid choice. Each component receives only its own section.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import tomllib
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-from distrib.errors import ConfigError
-from distrib.validation import validate
+from typing import Any, Literal
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -41,8 +33,10 @@ class ModelConfig:
     rope_theta: float = _f(10000.0, "RoPE base frequency")
     norm_eps: float = _f(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = _f(True, "share the input embedding and output projection")
-    attention: str = _f(
-        "auto", "attention backend; auto picks flash, then sdpa", ("auto", "flash", "sdpa", "eager")
+    attention: Literal["auto", "flash", "sdpa", "cudnn", "eager"] = _f(
+        "auto",
+        "attention backend; auto picks flash where it runs (CUDA sm80+, bf16/fp16, head dim "
+        "<= 256), else sdpa; cudnn is sdpa with cuDNN's kernel tried first (CUDA, bf16)",
     )
     init_std: float = _f(0.02, "standard deviation of the weight initialization")
     init_from: str = _f(
@@ -58,8 +52,8 @@ class DataConfig:
         "file or folder, or a Hugging Face hub dataset name",
     )
     text_field: str = _f("text", "field holding the text in .jsonl/.parquet/hub records")
-    text_sample_by: str = _f(
-        "document", "what one document is in .txt files", ("document", "paragraph", "line")
+    text_sample_by: Literal["document", "paragraph", "line"] = _f(
+        "document", "what one document is in .txt files"
     )
     hub_split: str = _f("train", "split to read from a hub dataset")
     tokenizer: str = _f(
@@ -86,14 +80,14 @@ class TrainingConfig:
     lr: float = _f(3e-3, "peak learning rate")
     min_lr: float = _f(3e-4, "learning rate at the end of the decay")
     warmup_steps: int = _f(20, "linear warmup steps from 0 to lr")
-    schedule: str = _f("cosine", "decay after warmup", ("cosine", "linear", "wsd", "constant"))
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = _f("cosine", "decay after warmup")
     decay_fraction: float = _f(0.2, "wsd only: fraction of steps spent in the final decay")
     weight_decay: float = _f(0.1, "AdamW weight decay (never applied to norms and biases)")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
-    dtype: str = _f("float32", "compute dtype (bfloat16 = autocast)", ("float32", "bfloat16"))
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "compute dtype (bfloat16 = autocast)")
     compile: bool = _f(False, "torch.compile each transformer block (and the loss)")
     loss_chunk_tokens: int = _f(
         0,
@@ -103,11 +97,10 @@ class TrainingConfig:
     float8: bool = _f(False, "train the linear layers in float8 (needs torchao and a CUDA GPU)")
     eval_every: int = _f(50, "evaluate on the validation split every N steps (0: never)")
     eval_steps: int = _f(4, "validation batches (of global_batch_size) per evaluation")
-    on_nonfinite: str = _f(
+    on_nonfinite: Literal["skip", "rollback", "abort"] = _f(
         "skip",
         "a NaN/Inf loss or grad norm on any rank: skip the update on all ranks, roll back to the "
         "last checkpoint and skip the batch, or abort with a report",
-        ("skip", "rollback", "abort"),
     )
     spike_threshold: float = _f(
         0.0, "treat a loss above this multiple of its running mean like a NaN (0: off)"
@@ -121,8 +114,8 @@ class ParallelConfig:
     dp_shard: int = _f(1, "sharded data-parallel degree (FSDP2); -1 infers from the world size")
     tp: int = _f(1, "tensor-parallel degree")
     pp: int = _f(1, "pipeline-parallel degree")
-    pp_schedule: str = _f(
-        "1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = _f(
+        "1f1b", "pipeline schedule"
     )
     pp_stages_per_rank: int = _f(
         1, "pipeline stages per rank: 1 for gpipe/1f1b, >= 2 for interleaved_1f1b/zero_bubble"
@@ -136,17 +129,16 @@ class ParallelConfig:
     loss_parallel: bool = _f(
         True, "with tp > 1, compute the loss on vocabulary-sharded logits without gathering them"
     )
-    activation_checkpoint: str = _f(
+    activation_checkpoint: Literal["none", "full", "selective", "memory_budget"] = _f(
         "none",
         "recompute activations in backward (memory_budget: the compiler picks, needs compile)",
-        ("none", "full", "selective", "memory_budget"),
     )
     activation_memory_budget: float = _f(
         0.5,
         "with activation_checkpoint = 'memory_budget': the share (0-1) of a compiled block's "
         "activations to keep; 0 recomputes all it can (like full), 1 as without checkpointing",
     )
-    engine: str = _f("native", "training engine", ("native", "deepspeed"))
+    engine: Literal["native", "deepspeed"] = _f("native", "training engine")
     zero_stage: int = _f(2, "deepspeed only: ZeRO stage 0 (DDP), 1, 2 or 3")
     offload_optimizer: bool = _f(False, "deepspeed only: keep optimizer state on the CPU")
     offload_params: bool = _f(False, "deepspeed only (ZeRO-3): keep parameters on the CPU")
@@ -212,142 +204,16 @@ class Config:
 
 # Resolved once: with postponed annotations the dataclass field types are strings.
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
-_HINTS: dict[str, dict[str, type]] = {n: typing.get_type_hints(c) for n, c in SECTIONS.items()}
+HINTS: dict[str, dict[str, Any]] = {n: typing.get_type_hints(c) for n, c in SECTIONS.items()}
 
 
-def _nearest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"{hint}valid: {', '.join(options)}"
+def choices(section: str, name: str) -> tuple[Any, ...] | None:
+    """The values a `Literal[...]` field accepts, or None for a free one."""
+    hint = HINTS[section][name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
-def _coerce(key: str, value: Any, kind: type, from_text: bool) -> Any:
-    """Convert a TOML value (or a command-line string) to the field's type, or explain why not."""
-    if from_text and isinstance(value, str):
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
-            if kind is int:
-                return int(value)
-            if kind is float:
-                return float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected {kind.__name__}, got '{value}'") from None
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-# Keys whose natural name is a Python keyword.
-_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
-
-
-def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
-    key = _ALIASES.get(key, key)
-    section, _, name = key.partition(".")
-    if section not in SECTIONS:
-        raise ConfigError(
-            f"unknown section '{section}' in '{key}': {_nearest(section, list(SECTIONS))}"
-        )
-    hints = _HINTS[section]
-    if not name or name not in hints:
-        options = [f"{section}.{n}" for n in hints]
-        raise ConfigError(f"unknown key '{key}': {_nearest(key, options)}")
-    obj = getattr(cfg, section)
-    setattr(obj, name, _coerce(key, value, hints[name], from_text))
-
-
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """`--a.b=v` or `--a.b v` pairs from a command line; anything else is an error."""
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(
-                f"unexpected argument '{arg}': overrides look like --section.key=value"
-            )
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{arg} needs a value")
-            key, value = arg[2:], args[i + 1]
-            i += 2
-        pairs.append((key, value))
-    return pairs
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file at `path`, then command-line overrides; validated."""
-    cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: invalid TOML: {err}") from None
-        for section, values in data.items():
-            if not isinstance(values, dict):
-                raise ConfigError(
-                    f"{path}: '{section}' must be a [section] table: {_nearest(section, list(SECTIONS))}"
-                )
-            for name, value in values.items():
-                _set(cfg, f"{section}.{name}", value, from_text=False)
-    for key, value in parse_overrides(overrides or []):
-        _set(cfg, key, value, from_text=True)
-    _check_choices(cfg)
-    validate(cfg)
-    return cfg
-
-
-def _check_choices(cfg: Config) -> None:
-    for section in SECTIONS:
-        obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
-            choices = f.metadata.get("choices")
-            value = getattr(obj, f.name)
-            if choices and value not in choices:
-                raise ConfigError(
-                    f"{section}.{f.name} = '{value}' is not valid: {_nearest(str(value), list(choices))}"
-                )
-
-
-def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Plain nested dict (for config.json in the run folder and checkpoint manifests)."""
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(data: dict[str, dict[str, Any]]) -> Config:
-    """Inverse of `to_dict`, validated the same way as a TOML file."""
-    cfg = Config()
-    for section, values in data.items():
-        for name, value in values.items():
-            _set(cfg, f"{section}.{name}", value, from_text=False)
-    _check_choices(cfg)
-    validate(cfg)
-    return cfg
-
-
-def help_lines() -> list[str]:
-    """One line per key with its type, default and help, for `distrib train --help`."""
-    lines = []
-    defaults = Config()
-    for section in SECTIONS:
-        for f in dataclasses.fields(getattr(defaults, section)):
-            kind = _HINTS[section][f.name].__name__
-            default = getattr(getattr(defaults, section), f.name)
-            choices = f.metadata.get("choices")
-            extra = f" ({'|'.join(choices)})" if choices else ""
-            lines.append(
-                f"  --{section}.{f.name} {kind} = {default!r}: {f.metadata['help']}{extra}"
-            )
-    return lines
+def base_type(section: str, name: str) -> type:
+    """The Python type of a field's values (a Literal's values share one type)."""
+    options = choices(section, name)
+    return type(options[0]) if options else HINTS[section][name]

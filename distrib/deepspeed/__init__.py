@@ -1,1 +1,0 @@
-"""Support for the DeepSpeed engine (`distrib.deepspeed_engine`) that needs no DeepSpeed import."""

@@ -1,0 +1,194 @@
+"""The training engine: the one interface the training loop talks to, and what engines share.
+
+An engine owns the model, optimizer and LR schedule; it runs a step over this rank's
+micro-batches (forward, backward with accumulation, clipping, update), evaluates, and hands the
+checkpointer its state as `Stateful` objects. `NativeEngine` (FSDP2 / DDP / TP / PP on one mesh)
+and `DeepSpeedEngine` implement the same methods, so the loop has no branch on which engine
+runs. Both use `forward_loss`, `StepTimer` and `mean_over_ranks` from here.
+
+Legend: B batch, L sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from distrib.config import TrainingConfig
+from distrib.data.loader import Batch
+from distrib.models.loss import causal_lm_loss, compiled_causal_lm_loss
+
+
+@dataclass
+class StepResult:
+    """Mean loss over the step's micro-batches and the global gradient norm before clipping.
+
+    Both stay tensors on the device: reading them (`.item()`) synchronizes, so the loop does it
+    only when it logs.
+    """
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    timings: dict[str, float] | None = None  # seconds per phase, on steps asked to be timed
+    skipped: bool = False  # the update was not applied (`accept` refused it)
+    local_loss: torch.Tensor | None = None  # this rank's own mean loss, to name failing ranks
+
+
+# Decides, from the step's global loss and gradient norm (the same on every rank), whether the
+# update is applied; refusing drops the gradients on every rank alike.
+Accept = Callable[[torch.Tensor, torch.Tensor], bool]
+
+
+class Engine(Protocol):
+    """What the training loop needs from an engine; `NativeEngine` and `DeepSpeedEngine`."""
+
+    model: nn.Module
+
+    def train_step(
+        self,
+        batches: list[Batch],
+        timed: bool = False,
+        accept: Accept | None = None,
+    ) -> StepResult:
+        """Forward, backward (accumulating over `batches`), clip and update; `accept` may veto
+        the update."""
+        ...
+
+    def eval_loss(self, batches: list[Batch]) -> torch.Tensor: ...
+
+    def lr(self) -> float: ...
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The engine's part of a checkpoint, as `Stateful` objects (or one object that writes
+        its own files, `distrib.checkpoint.state.OwnFormat`), keyed by name."""
+        ...
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor: under loss parallelism it is a replicated DTensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def forward_loss(
+    model: nn.Module,
+    batch: Batch,
+    device: torch.device,
+    loss_chunk_tokens: int = 0,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """The mean next-token loss of `model` on one micro-batch moved to `device`.
+
+    With `loss_chunk_tokens > 0` the model computes the loss itself, its output head and
+    cross-entropy in chunks (see `Transformer.forward`); otherwise it returns logits and the
+    loss is taken here, by the compiled loss when `compiled`.
+    """
+    inputs = batch.inputs.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    doc_ids = None if batch.doc_ids is None else batch.doc_ids.to(device, non_blocking=True)
+    if loss_chunk_tokens > 0:
+        return model(inputs, doc_ids, labels_BL=labels, loss_chunk_tokens=loss_chunk_tokens)
+    logits_BLV = model(inputs, doc_ids)
+    # Vocab-sharded logits (a DTensor under loss parallelism) take the eager loss, whose
+    # DTensor handlers the loss_parallel context installs.
+    if compiled and not isinstance(logits_BLV, DTensor):
+        return compiled_causal_lm_loss()(logits_BLV, labels)
+    return causal_lm_loss(logits_BLV, labels)
+
+
+def training_loss(
+    model: nn.Module, batch: Batch, device: torch.device, training: TrainingConfig
+) -> torch.Tensor:
+    """`forward_loss` with the training section's loss options (chunking, compiled loss)."""
+    return forward_loss(
+        model,
+        batch,
+        device,
+        loss_chunk_tokens=training.loss_chunk_tokens,
+        compiled=training.compile,
+    )
+
+
+class StepTimer:
+    """The split of one training step into forward+backward and optimizer time. On a timed
+    step each mark waits for the device, so the split is real on GPUs; untimed steps never
+    synchronize and report nothing."""
+
+    def __init__(self, device: torch.device, timed: bool) -> None:
+        self.device = device
+        self.timed = timed
+        self.marks = [self._now()]
+
+    def _now(self) -> float:
+        if self.timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def mark(self) -> None:
+        """The end of a phase: computed (after the last backward), then updated."""
+        if self.timed:
+            self.marks.append(self._now())
+
+    def timings(self) -> dict[str, float] | None:
+        if not self.timed:
+            return None
+        start, computed, updated = self.marks
+        return {"time_forward_backward_s": computed - start, "time_optimizer_s": updated - computed}
+
+
+class StepEngine:
+    """The step both engines share: accumulate this rank's micro-batches, average the loss over
+    the ranks that hold one, let the engine update (or not, as `accept` says), time the phases.
+    An engine provides `_accumulate`, `_update` and `_loss_ranks`."""
+
+    device: torch.device
+
+    def _accumulate(self, batches: list[Batch]) -> torch.Tensor:
+        """Forward and backward every micro-batch; the sum of this rank's losses (zero where
+        this rank holds no loss, as earlier pipeline stages)."""
+        raise NotImplementedError
+
+    def _update(self, mean: torch.Tensor, accept: Accept | None) -> tuple[torch.Tensor, bool]:
+        """Clip and update unless `accept` refuses; the global gradient norm before clipping,
+        and whether the update was applied. The LR schedule advances either way."""
+        raise NotImplementedError
+
+    def _loss_ranks(self) -> int:
+        """How many ranks hold a loss (the divisor of the cross-rank mean)."""
+        raise NotImplementedError
+
+    def train_step(
+        self, batches: list[Batch], timed: bool = False, accept: Accept | None = None
+    ) -> StepResult:
+        """Forward, backward (accumulating over `batches`), clip and update; `accept` sees the
+        step's global loss and gradient norm and may veto the update on every rank alike;
+        `timed` splits the step into forward+backward and optimizer time."""
+        timer = StepTimer(self.device, timed)
+        local = self._accumulate(batches) / len(batches)
+        timer.mark()
+        mean = mean_over_ranks(local, self._loss_ranks())
+        grad_norm, applied = self._update(mean, accept)
+        timer.mark()
+        return StepResult(
+            loss=mean,
+            grad_norm=grad_norm,
+            timings=timer.timings(),
+            skipped=not applied,
+            local_loss=local,
+        )
+
+
+def mean_over_ranks(loss: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """The step's loss as one number on every rank: the sum over all ranks divided by the
+    `num_ranks` that hold a loss (other ranks, such as earlier pipeline stages, add zero)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return loss
+    summed = loss.detach().clone()
+    dist.all_reduce(summed)
+    return summed / num_ranks

@@ -1,0 +1,73 @@
+"""From a config to an engine: the model built on meta, parallelized as the layout says (whole, or
+cut into this rank's pipeline stages), materialized, and wrapped in the engine that trains it."""
+
+from __future__ import annotations
+
+import functools
+
+from distrib.config import Config
+from distrib.engines.base import Engine
+from distrib.engines.native import NativeEngine
+from distrib.models.build import build_on_meta
+from distrib.parallel.dims import ParallelDims, dp_coordinate
+from distrib.parallel.init import load_hf_weights, materialize
+from distrib.parallel.parallelize import parallelize, uses_fsdp
+from distrib.parallel.pipeline import build_pipeline
+from distrib.parallel.tensor import loss_context
+from distrib.runtime import Runtime
+
+
+def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
+    """Build the model on meta, parallelize it as `cfg.parallel` says (whole, or cut into this
+    rank's pipeline stages), materialize it and wrap it in the engine.
+
+    Returns the engine and this rank's (data-parallel rank, data-parallel size).
+    """
+    if cfg.parallel.engine == "deepspeed":
+        from distrib.engines.deepspeed.build import build_deepspeed_engine
+
+        return build_deepspeed_engine(cfg, runtime)
+    dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
+    mesh = dims.build_mesh(runtime.device.type) if runtime.world_size > 1 else None
+    apply = functools.partial(
+        parallelize,
+        dims=dims,
+        mesh=mesh,
+        parallel=cfg.parallel,
+        training=cfg.training,
+        device=runtime.device,
+    )
+    loss_ctx = functools.partial(loss_context, dims.tp > 1 and cfg.parallel.loss_parallel)
+    seed, pipeline = cfg.training.seed, None
+    if dims.pp > 1:
+        assert mesh is not None
+        pipeline = build_pipeline(
+            cfg.model,
+            cfg.parallel,
+            mesh["pp"],
+            runtime.device,
+            seed,
+            cfg.training.micro_batch_size,
+            apply,
+            loss_ctx,
+        )
+        parts = list(pipeline.parts)
+    else:
+        model = build_on_meta(cfg.model)
+        apply(model)
+        materialize(model, runtime.device, seed)
+        parts = [model]
+    if cfg.model.init_from:
+        load_hf_weights(parts, cfg.model.init_from.removeprefix("hf:"), cfg.model)
+    engine = NativeEngine(
+        parts,
+        cfg.training,
+        runtime.device,
+        pipeline=pipeline,
+        loss_context=loss_ctx,
+        autocast=not uses_fsdp(dims),
+        pp_group=mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None,
+        num_loss_ranks=dims.dp * dims.tp,
+    )
+    dp_rank, dp_size = dp_coordinate(mesh) if mesh is not None else (0, 1)
+    return engine, dp_rank, dp_size

@@ -1,0 +1,153 @@
+"""The native engine: plain PyTorch on this rank's model parts, under any layout on one mesh
+(FSDP2 / DDP / TP / PP), behind the `Engine` interface of `distrib.engines.base`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from distrib.checkpoint.state import ModelState, OptimizerState, SchedulerState
+from distrib.config import TrainingConfig
+from distrib.data.loader import Batch
+from distrib.engines.base import Accept, StepEngine, mean_over_ranks, plain, training_loss
+from distrib.engines.optim import build_optimizer, build_scheduler
+from distrib.parallel.fsdp import set_gradient_sync
+
+
+class NativeEngine(StepEngine):
+    """PyTorch-native training of this rank's model parts under any layout on one mesh.
+
+    `parts` is the whole (possibly FSDP/DDP/TP-wrapped) model, or this rank's pipeline stages
+    when `pipeline` is given. Without a process group (one process) it is plain PyTorch.
+    """
+
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        cfg: TrainingConfig,
+        device: torch.device,
+        pipeline: Any = None,
+        loss_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        autocast: bool = True,
+        pp_group: dist.ProcessGroup | None = None,
+        num_loss_ranks: int = 1,
+    ) -> None:
+        self.parts = parts
+        self.model = parts[0]
+        self.cfg = cfg
+        self.device = device
+        self.pipeline = pipeline
+        self.loss_context = loss_context
+        # FSDP's mixed-precision policy casts parameters itself; autocast is for the rest.
+        self.use_autocast = autocast and cfg.dtype == "bfloat16"
+        self.pp_group = pp_group
+        self.num_loss_ranks = num_loss_ranks  # ranks holding the loss: dp x tp of the last stage
+        self.optimizers = [build_optimizer(part, cfg) for part in parts]
+        self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers]
+        self._params = [p for part in parts for p in part.parameters() if p.requires_grad]
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.use_autocast:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_loss(self, batch: Batch) -> torch.Tensor:
+        with self._autocast():
+            return training_loss(self.model, batch, self.device, self.cfg)
+
+    def _micro_step(self, batch: Batch, scale: float) -> torch.Tensor | None:
+        """Forward and backward of one micro-batch; its mean loss where this rank has it."""
+        if self.pipeline is not None:
+            p = self.pipeline
+            inputs = batch.inputs.to(self.device, non_blocking=True) if p.has_first else None
+            labels = batch.labels.to(self.device, non_blocking=True) if p.has_last else None
+            with self._autocast():
+                loss = p.step(inputs, labels, loss_scale=scale)
+            return loss
+        with self.loss_context():
+            # Every micro-batch holds the same number of tokens, so scaling each backward by
+            # 1/n accumulates the gradient of the step's mean loss.
+            loss = self._forward_loss(batch)
+            (loss * scale).backward()
+        loss = plain(loss.detach())
+        return loss
+
+    def _accumulate(self, batches: list[Batch]) -> torch.Tensor:
+        for part in self.parts:
+            part.train()
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(batches):
+            # Reduce gradients across data-parallel ranks once, after the last micro-batch.
+            set_gradient_sync(self.parts, i == len(batches) - 1)
+            loss = self._micro_step(batch, 1.0 / len(batches))
+            if loss is not None:
+                total += loss.float()
+        return total
+
+    def _update(self, mean: torch.Tensor, accept: Accept | None) -> tuple[torch.Tensor, bool]:
+        # A refused update drops the gradients; the schedule still advances.
+        grad_norm = self._clip_grad_norm()
+        apply = accept is None or accept(mean, grad_norm)
+        for opt, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            if apply:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            scheduler.step()
+        return grad_norm, apply
+
+    def _loss_ranks(self) -> int:
+        return self.num_loss_ranks
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """The norm of all gradients of the whole model, wherever its pieces live, then clip."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(norm, DTensor):  # sharded (FSDP/TP) gradients: finish the reduction
+            norm = norm.full_tensor()
+        if self.pp_group is not None:  # each stage holds different parameters: add squares
+            squared = norm**2
+            dist.all_reduce(squared, group=self.pp_group)
+            norm = squared.sqrt()
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(
+                self._params, self.cfg.max_grad_norm, norm, foreach=True
+            )
+        return norm.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list[Batch]) -> torch.Tensor:
+        """Mean loss over `batches` without touching gradients or the optimizer."""
+        for part in self.parts:
+            part.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            if self.pipeline is not None:
+                p = self.pipeline
+                inputs = batch.inputs.to(self.device) if p.has_first else None
+                labels = batch.labels.to(self.device) if p.has_last else None
+                with self._autocast():
+                    loss = p.eval_step(inputs, labels)
+            else:
+                with self.loss_context():
+                    loss = plain(self._forward_loss(batch))
+            if loss is not None:
+                total += loss.float()
+        return mean_over_ranks(total / len(batches), self.num_loss_ranks)
+
+    def lr(self) -> float:
+        return float(self.optimizers[0].param_groups[0]["lr"])
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Weights, optimizer moments and LR schedule as DCP `Stateful` objects: each rank
+        writes its own shards, and any layout can load them back."""
+        return {
+            "model": ModelState(self.parts),
+            "optimizer": OptimizerState(self.parts, self.optimizers),
+            "scheduler": SchedulerState(self.schedulers),
+        }
