@@ -75,15 +75,12 @@ def save_once(
     return {"stall_s": stall, "total_s": total}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
-    )
-    args, overrides = parser.parse_known_args(argv)
-    engine, cfg = build_engine(overrides)
-    root = Path(tempfile.mkdtemp(prefix="distrib-bench-ckpt-", dir=args.dir))
+def measure(
+    engine: NativeEngine, repeats: int, parent: Path | None
+) -> tuple[dict[str, list[dict[str, float]]], int]:
+    """`repeats` interleaved sync and async saves in a temporary folder under `parent`; the
+    timings per mode and the checkpoint's size in bytes."""
+    root = Path(tempfile.mkdtemp(prefix="distrib-bench-ckpt-", dir=parent))
     runs: dict[str, list[dict[str, float]]] = {"sync": [], "async": []}
     savers = {
         mode: ckpt.Checkpointer(CheckpointConfig(async_save=mode == "async", keep=1), root / mode)
@@ -92,12 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The first save of a run allocates the staging buffers: a cost paid once per run.
         save_once(engine, savers["async"], 0, background=True)
-        for i in range(args.repeats):
+        for i in range(repeats):
             for mode in ("sync", "async"):
                 runs[mode].append(save_once(engine, savers[mode], i + 1, mode == "async"))
         size = sum(p.stat().st_size for p in (root / "sync").rglob("*") if p.is_file())
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return runs, size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
+    )
+    args, overrides = parser.parse_known_args(argv)
+    engine, cfg = build_engine(overrides)
+    runs, size = measure(engine, args.repeats, args.dir)
     sync = summarize([r["total_s"] for r in runs["sync"]])
     stall = summarize([r["stall_s"] for r in runs["async"]])
     total = summarize([r["total_s"] for r in runs["async"]])

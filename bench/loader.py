@@ -101,6 +101,40 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
+def _print_table(
+    rows: dict[str, Any],
+    train_tok_s: float,
+    train_source: str,
+    doc_record: dict[str, float],
+    micro_per_step: int,
+) -> None:
+    """The loader's rates per mode against training's, and the document-id cost."""
+    doc_us = doc_record["document_ids_us_per_micro_batch"]
+    lines = [["mode", "tokens/s", "spread", "us/step", "x training"]]
+    for mode, row in rows.items():
+        lines.append(
+            [
+                mode,
+                f"{row['tokens_per_s']['median']:,.0f}",
+                f"{100 * row['tokens_per_s']['spread']:.1f}%",
+                f"{row['step_us_median']:.0f}",
+                f"{row['vs_training']:,.0f}x",
+            ]
+        )
+    lines.append(["training (distrib)", f"{train_tok_s:,.0f}", "", "", "1x"])
+    print(table(lines))
+    print(f"training figure: {train_source}")
+    print(
+        f"document_ids: {doc_us:.1f} us per micro-batch, {doc_us * micro_per_step:.1f} us per step "
+        f"({100 * doc_record['share_of_training_step']:.2g}% of a training step)"
+    )
+    for mode, row in rows.items():
+        print(
+            f"loader ({mode}) >= {TARGET_RATIO:.0f}x training: "
+            f"{row['vs_training']:,.0f}x -> {'PASS' if row['pass'] else 'FAIL'}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -137,29 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         - rows["plain"]["step_us_median"],
         "share_of_training_step": doc_us * micro_per_step * 1e-6 * train_tok_s / tokens_per_step,
     }
-    lines = [["mode", "tokens/s", "spread", "us/step", "x training"]]
-    for mode, row in rows.items():
-        lines.append(
-            [
-                mode,
-                f"{row['tokens_per_s']['median']:,.0f}",
-                f"{100 * row['tokens_per_s']['spread']:.1f}%",
-                f"{row['step_us_median']:.0f}",
-                f"{row['vs_training']:,.0f}x",
-            ]
-        )
-    lines.append(["training (distrib)", f"{train_tok_s:,.0f}", "", "", "1x"])
-    print(table(lines))
-    print(f"training figure: {train_source}")
-    print(
-        f"document_ids: {doc_us:.1f} us per micro-batch, {doc_us * micro_per_step:.1f} us per step "
-        f"({100 * doc_record['share_of_training_step']:.2g}% of a training step)"
-    )
-    for mode, row in rows.items():
-        print(
-            f"loader ({mode}) >= {TARGET_RATIO:.0f}x training: "
-            f"{row['vs_training']:,.0f}x -> {'PASS' if row['pass'] else 'FAIL'}"
-        )
+    _print_table(rows, train_tok_s, train_source, doc_record, micro_per_step)
     record = {
         "environment": environment(runtime.device) | {"numpy": np.__version__},
         "protocol": {
