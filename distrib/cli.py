@@ -34,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _config_parser("train", sub, "train a model (resumes from the newest checkpoint by default)")
     _config_parser("prepare", sub, "tokenize a corpus into shards (default: the Python stdlib)")
-    sub.choices["prepare"].add_argument(
+    prep = sub.choices["prepare"].add_mutually_exclusive_group()
+    prep.add_argument(
         "--force", action="store_true", help="rebuild even if a matching dataset exists"
+    )
+    prep.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the full sha256 of every shard of data.dir (reads it all); changes nothing",
     )
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--run_dir", type=Path, required=True, help="the run folder (job.run_dir)")
@@ -69,12 +75,13 @@ def cmd_train(cfg: Config) -> None:
     from distrib.runtime import detect_launch, init_runtime, shutdown
     from distrib.train.trainer import Trainer, check_dataset
 
-    # Everything that can be checked without a process group is checked first.
-    check_dataset(cfg.data, cfg.model)
+    # Everything that can be checked without a process group is checked first; the layout
+    # against the launch before the rest, since a wrong world size shows up as other errors.
     global _launched
     launch = detect_launch()
     _launched = launch.distributed
     _check_layout(cfg, launch.world_size)
+    check_dataset(cfg.data, cfg.model)
     runtime = init_runtime(launch=launch)
     try:
         Trainer(cfg, runtime).train()
@@ -96,9 +103,13 @@ def _check_layout(cfg: Config, world_size: int) -> None:
         effective_config(cfg, dims.dp)
 
 
-def cmd_prepare(cfg: Config, force: bool) -> None:
+def cmd_prepare(cfg: Config, force: bool, verify: bool) -> None:
     from distrib.data.prepare import prepare_dataset
+    from distrib.data.verify import verify_dataset
 
+    if verify:
+        verify_dataset(cfg.data.dir)
+        return
     prepare_dataset(cfg.data, cfg.model.vocab_size, cfg.training.seed, force=force)
 
 
@@ -152,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             cmd_train(cfg)
         else:
-            cmd_prepare(cfg, args.force)
+            cmd_prepare(cfg, args.force, args.verify)
     except UserError as err:
         print(f"distrib {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during training, or one outside it
+        print(f"distrib {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

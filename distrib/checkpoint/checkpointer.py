@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from distrib.checkpoint import manifest
 from distrib.checkpoint.dcp import Writer, caching_stager, dcp_writer, distributed
 from distrib.checkpoint.dcp import load as dcp_load
+from distrib.checkpoint.run_folder import RunFolder
 from distrib.checkpoint.state import OwnFormat
 from distrib.config import CheckpointConfig
 from distrib.errors import CheckpointError
@@ -78,11 +79,19 @@ class Checkpointer:
     `keep`, and finds a valid checkpoint to resume from."""
 
     def __init__(
-        self, cfg: CheckpointConfig, run_dir: Path, info: dict[str, Any] | None = None
+        self,
+        cfg: CheckpointConfig,
+        run_dir: Path,
+        info: dict[str, Any] | None = None,
+        owner: RunFolder | None = None,
     ) -> None:
         self.cfg = cfg
         self.folder = run_dir / "checkpoints"
-        self.info = info or {}  # recorded in each manifest: layout, config
+        # The run whose checkpoints these are: only they are resumed from and pruned. None
+        # where the folder has no identity (written before runs had one): all are its own.
+        self.owner = owner
+        # Recorded in each manifest: layout, config, and the run that wrote it.
+        self.info = {**(info or {}), **({"run_id": owner.run_id} if owner else {})}
         self._pending: _Pending | None = None
         # Background saves run their collectives on a group of their own (gloo, which also
         # carries CPU tensors), so that they never interleave with training's collectives.
@@ -119,7 +128,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as err:  # DCP's is a BaseException
             self._discard(tmp)
             raise CheckpointError(
-                f"saving step {step} to {tmp} failed ({type(err).__name__}: {err}); the previous "
+                f"saving step {step} to {tmp} failed ({cause(err)}); the previous "
                 f"checkpoints in {self.folder} are intact"
             ) from err
         if future is not None:
@@ -174,15 +183,21 @@ class Checkpointer:
             error = error or pending.error
         if error is not None:
             raise CheckpointError(
-                f"background save of step {pending.step} failed ({type(error).__name__}: "
-                f"{error}); the previous checkpoints in {self.folder} are intact"
+                f"background save of step {pending.step} failed ({cause(error)}); the previous "
+                f"checkpoints in {self.folder} are intact"
             ) from error
 
     def _prune(self) -> None:
+        """Drop this run's oldest checkpoints beyond `keep`; another run's are never touched."""
         if self.cfg.keep <= 0:
             return
-        for old in list_checkpoints(self.folder)[: -self.cfg.keep]:
+        own = [p for p in list_checkpoints(self.folder) if self.owns(p)]
+        for old in own[: -self.cfg.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def owns(self, path: Path) -> bool:
+        """Whether checkpoint `path` belongs to the run this checkpointer saves for."""
+        return self.owner is None or self.owner.owns(path)
 
     def resume_path(self, report: Callable[[str], None] = print) -> Path | None:
         """The checkpoint to resume from: the newest intact one (auto), none (never), or the
@@ -193,6 +208,8 @@ class Checkpointer:
         if self.cfg.resume != "auto":
             path = Path(self.cfg.resume)
             found = self.problems(path)
+            if not found and path.parent.resolve() == self.folder.resolve() and not self.owns(path):
+                found = [f"{path} was written by another run than the one owning {self.folder}"]
             if found:
                 raise CheckpointError(
                     f"checkpoint.resume = {path} is not a valid checkpoint: {'; '.join(found[:5])}. "
@@ -203,7 +220,7 @@ class Checkpointer:
 
     def newest_valid(self, report: Callable[[str], None] = print) -> Path | None:
         """The newest intact checkpoint; damaged newer ones are reported and passed over."""
-        for path in reversed(self._candidates()):
+        for path in reversed(self.candidates()):
             found = self.problems(path)
             if not found:
                 return path
@@ -213,13 +230,17 @@ class Checkpointer:
             )
         return None
 
-    def _candidates(self) -> list[Path]:
+    def candidates(self) -> list[Path]:
         """step-NNNNNNNN folders, oldest first, complete or not: a folder with no manifest is
         one whose save never finished yet was renamed (impossible here, but a copy or a sync
         tool can produce one) and must be reported, not silently resumed."""
         if not self.folder.is_dir():
             return []
-        found = [p for p in self.folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        found = [
+            p
+            for p in self.folder.iterdir()
+            if p.is_dir() and _STEP_DIR.match(p.name) and self.owns(p)
+        ]
         return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
     def problems(self, path: Path) -> list[str]:
@@ -231,10 +252,60 @@ class Checkpointer:
         return manifest.problems(path, self.cfg.verify)
 
     def load(self, path: Path, state: dict[str, Any]) -> None:
-        """Restore `state` in place from the checkpoint `path`; every rank calls it together."""
+        """Restore `state` in place from the checkpoint `path`; every rank calls it together.
+        A checkpoint of a model of another shape is refused, naming what differs."""
+        model = self.info.get("config", {}).get("model", {})
         if any(isinstance(v, OwnFormat) for v in state.values()):
             from distrib.checkpoint.deepspeed import load_own_format
 
+            check_model_fits(path, model)
             load_own_format(path, state, _rank())
         else:
+            # DCP's load names the first tensor whose shape differs, with both shapes; a model
+            # with fewer layers loads by name without complaint and is refused just after.
             dcp_load(path, state)
+            check_model_fits(path, model)
+
+
+# Model keys that leave every parameter's shape as it is: a run may change them on resume
+# (a longer context, another attention kernel). Any other difference means other tensors.
+_SHAPE_FREE = frozenset(
+    {"attention", "init_std", "init_from", "max_seq_len", "rope_theta", "norm_eps"}
+)
+_NEW_RUN = (
+    "start a new run folder (job.run_dir), or start over in this one with "
+    "checkpoint.resume = never and job.overwrite = true"
+)
+
+
+def check_model_fits(path: Path, model: dict[str, Any]) -> None:
+    """Raise CheckpointError if the checkpoint `path` was written by a model whose parameters
+    have other shapes than the model config `model` (as in its manifest)."""
+    try:
+        saved = manifest.read(path).get("config", {}).get("model")
+    except ValueError:
+        return  # validation reports a damaged manifest
+    if not isinstance(saved, dict):
+        return  # an older manifest without the config: DCP's tensor check still applies
+    differ = [
+        f"model.{k} = {saved[k]!r} there, {model[k]!r} now"
+        for k in sorted(set(saved) & set(model) - _SHAPE_FREE)
+        if saved[k] != model[k]
+    ]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} holds a model of another shape ({'; '.join(differ)}): its "
+            f"weights cannot be loaded into this one; {_NEW_RUN}"
+        )
+
+
+def cause(err: BaseException) -> str:
+    """One line saying why a save failed. DCP's CheckpointException carries each rank's
+    exception with its whole traceback in its message; name the first rank's error instead."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = sorted(failures.items())[0]
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {cause(inner)}" if isinstance(inner, BaseException) else str(inner)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")

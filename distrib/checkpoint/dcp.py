@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 
-from distrib.checkpoint.state import flatten, optional_keys, restore
+from distrib.checkpoint.state import ModelState, flatten, optional_keys, restore
 from distrib.errors import CheckpointError
 
 # One process saves in the background too where DCP allows it (torch >= 2.11 has no_dist there).
@@ -121,20 +121,46 @@ def load(path: Path, state: dict[str, Any]) -> None:
     """Load `path` into `state` in place (Stateful objects load themselves; plain values are
     replaced). Keys the checkpoint lacks are an error, except the optional ones: RNG states of
     ranks the saving run did not have, and entries older checkpoints lack."""
-    keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    top = {k.split(".", 1)[0] for k in keys}
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    top = {k.split(".", 1)[0] for k in metadata}
     flat = flatten(state)
     optional = optional_keys(state) | {k for k in flat if _optional(k)}
     wanted = {k: v for k, v in flat.items() if k in top or k not in optional}
     missing = [k for k in wanted if k not in top]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {missing}; it holds {sorted(top)}")
+    for key, value in wanted.items():
+        if isinstance(value, ModelState):
+            _check_shapes(path, key, value.state_dict(), metadata)
     with _dcp_call() as single:
         dcp.load(wanted, checkpoint_id=str(path), no_dist=single)
     restore(state, wanted)
     for key in state:
         if key in wanted:
             state[key] = wanted[key]
+
+
+def _check_shapes(
+    path: Path, key: str, tensors: dict[str, Any], metadata: Mapping[str, Any]
+) -> None:
+    """Refuse, naming the first tensor and both shapes, a checkpoint whose tensors do not fit
+    the model: DCP itself fails deep inside its planner with a message that names neither."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        saved = metadata.get(f"{key}.{name}")
+        size = getattr(saved, "size", None)
+        if saved is None:
+            problem = "is not in the checkpoint"
+        elif size is not None and tuple(size) != tuple(tensor.shape):
+            problem = f"is {list(size)} in the checkpoint but {list(tensor.shape)} in this model"
+        else:
+            continue
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: {name} {problem} (the model config "
+            "changed since it was written); start a new run folder (job.run_dir), or start over "
+            "in this one with checkpoint.resume = never and job.overwrite = true"
+        )
 
 
 def _optional(key: str) -> bool:

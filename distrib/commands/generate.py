@@ -8,12 +8,31 @@ small.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from distrib.checkpoint.run import load_run
+from distrib.errors import ConfigError
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int) -> None:
+    """Refuse decoding settings that cannot work, naming the `distrib generate` flag."""
+    checks = [
+        ("--max_new_tokens", max_new_tokens, max_new_tokens >= 0, "an integer >= 0"),
+        (
+            "--temperature",
+            temperature,
+            math.isfinite(temperature) and temperature >= 0,
+            "a finite number >= 0 (0: greedy decoding)",
+        ),
+        ("--top_k", top_k, top_k >= 0, "an integer >= 0 (0: sample among all tokens)"),
+    ]
+    for flag, value, ok, valid in checks:
+        if not ok:
+            raise ConfigError(f"{flag} must be {valid}, got {value}")
 
 
 @torch.no_grad()
@@ -59,6 +78,7 @@ def generate_text(
     device: torch.device | None = None,
 ) -> str:
     """Prompt plus continuation, sampled from the run's newest (or `step`'s) checkpoint."""
+    check_sampling(max_new_tokens, temperature, top_k)
     device = device or torch.device("cpu")
     model, tokenizer, cfg = load_run(run_dir, step, device)
     max_seq_len = cfg.model.max_seq_len

@@ -19,6 +19,11 @@ def _f(default: Any, help: str) -> Any:
 class JobConfig:
     run_dir: str = _f("runs/debug", "folder for checkpoints, metrics.jsonl, config and logs")
     description: str = _f("", "free text recorded with the run")
+    overwrite: bool = _f(
+        False,
+        "start a fresh run in a run folder another run used: its files move to "
+        "<run_dir>/previous/ (never deleted); needs checkpoint.resume = never or a path",
+    )
 
 
 @dataclass
@@ -163,7 +168,11 @@ class CheckpointConfig:
 @dataclass
 class MetricsConfig:
     log_every: int = _f(10, "append to metrics.jsonl every N steps")
-    progress: bool = _f(True, "show a progress bar on rank 0")
+    progress: bool = _f(
+        True,
+        "rank 0 shows a progress bar on a terminal, elsewhere (log file, tee, CI) a plain line "
+        "every log_every steps",
+    )
     tensorboard: bool = _f(False, "write TensorBoard events to <run_dir>/tensorboard")
     wandb: bool = _f(False, "log to Weights & Biases (needs the wandb extra)")
     peak_tflops: float = _f(0.0, "device peak TFLOP/s for MFU (0: look up the device)")

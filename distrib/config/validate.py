@@ -8,17 +8,34 @@ process group starts (`ParallelDims` checks the rest). Rules that a builder appl
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from pathlib import Path
 
 from distrib.config import rules
 from distrib.config.sections import (
+    SECTIONS,
     Config,
     DataConfig,
     ModelConfig,
     ParallelConfig,
     TrainingConfig,
+    base_type,
 )
 from distrib.errors import ConfigError
+
+# The process count each launcher exports: torchrun (and accelerate), an `srun` step, and the MPI
+# flavours of `distrib.launchers.mpi`. Read here as plain variables: `detect_launch` may ask
+# scontrol or MPI, so it runs once, in `distrib train`, after the config is loaded.
+_LAUNCH_SIZE_VARS = (
+    "WORLD_SIZE",
+    "SLURM_STEP_NUM_TASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "MV2_COMM_WORLD_SIZE",
+    "PMIX_SIZE",
+)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -30,6 +47,7 @@ def validate(cfg: Config) -> None:
     """Reject impossible values; messages name the key and what would be valid. (Unknown keys
     and choices outside a field's `Literal` are refused by `distrib.config.load` itself.)"""
     m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.parallel
+    _validate_finite(cfg)
     _validate_model(m)
     _validate_data(d, m)
     _validate_training(t)
@@ -40,9 +58,37 @@ def validate(cfg: Config) -> None:
         "checkpoint.async = true is not supported with parallel.engine = 'deepspeed' "
         "(DeepSpeed's save_checkpoint has no background mode); set checkpoint.async = false",
     )
-    if p.dp_replicate > 0 and p.dp_shard > 0:
+    if p.dp_replicate > 0 and p.dp_shard > 0 and _fits_launch(p):
+        # Without a launch, the batch is checked against the layout's own world size. A layout
+        # that does not fit the launch is left to `distrib train` (`cli._check_layout`), which
+        # reports the world size first: checked here, the mismatch would be blamed on the batch.
         rules.grad_accum_steps(t, p.dp_replicate * p.dp_shard)
     _validate_run(cfg)
+
+
+def _fits_launch(p: ParallelConfig) -> bool:
+    """False when a launcher (torchrun, srun, mpirun) exported a world size that the degrees
+    do not multiply to, or might not (one is inferred); True without a launcher."""
+    sizes = {os.environ[key] for key in _LAUNCH_SIZE_VARS if key in os.environ}
+    if not sizes:
+        return True
+    degrees = (p.dp_replicate, p.dp_shard, p.tp, p.pp)
+    return -1 not in degrees and sizes == {str(math.prod(degrees))}
+
+
+def _validate_finite(cfg: Config) -> None:
+    """Every float key of every section is a finite number: `training.lr = inf` would turn
+    every weight non-finite at the first update, and a NaN fails a range check only by accident,
+    with a message about something else.
+    No float key uses inf or NaN as a sentinel (the "off" or "look it up" value is 0 where there
+    is one: max_grad_norm, spike_threshold, peak_tflops), so there are no exceptions."""
+    for section, kind in SECTIONS.items():
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(kind):
+            if base_type(section, f.name) is not float:
+                continue
+            value = getattr(obj, f.name)
+            _check(math.isfinite(value), f"{section}.{f.name} must be a finite number, got {value}")
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -112,6 +158,17 @@ def _validate_run(cfg: Config) -> None:
     c = cfg.checkpoint
     _check(c.interval >= 0 and c.keep >= 0, "checkpoint.interval and checkpoint.keep must be >= 0")
     _check(c.resume != "", "checkpoint.resume must be auto, never, or a checkpoint path")
+    _check(
+        c.resume in ("auto", "never") or Path(c.resume).is_dir(),
+        f"checkpoint.resume = {c.resume}: no such checkpoint folder; use auto, never, or the path "
+        "of a step-NNNNNNNN folder",
+    )
+    # With auto, a requeued job would move its own progress aside and start over at each start.
+    _check(
+        not (cfg.job.overwrite and c.resume == "auto"),
+        "job.overwrite = true starts a fresh run, which needs checkpoint.resume = never (or a "
+        "checkpoint path to start from); with resume = auto the folder's run is continued",
+    )
     _check(
         cfg.metrics.log_every > 0,
         f"metrics.log_every must be positive, got {cfg.metrics.log_every}",

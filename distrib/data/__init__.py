@@ -5,6 +5,7 @@ from distrib.data.prepare import prepare_dataset
 from distrib.data.shards import ShardWriter, TokenShards, token_dtype, write_token_dataset
 from distrib.data.sources import Corpus, iter_documents, load_corpus
 from distrib.data.tokenizer import EOS_TOKEN, Tokenizer, train_bpe
+from distrib.data.verify import verify_dataset
 
 __all__ = [
     "EOS_TOKEN",
@@ -21,5 +22,6 @@ __all__ = [
     "prepare_dataset",
     "token_dtype",
     "train_bpe",
+    "verify_dataset",
     "write_token_dataset",
 ]

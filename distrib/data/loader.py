@@ -19,7 +19,9 @@ import torch
 from distrib.config import DataConfig, TrainingConfig
 from distrib.config.rules import accumulation_steps
 from distrib.data.shards import TokenShards
+from distrib.data.verify import report_leftovers
 from distrib.errors import DataError
+from distrib.runtime import detect_launch
 
 
 @dataclass
@@ -131,6 +133,10 @@ class TokenLoader:
             self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank
         ]
         rows = self.shards.windows(samples * self.seq_len, self.seq_len + 1)
+        # One max over the rows (microseconds): an id past the vocabulary would otherwise end
+        # as an IndexError deep in the embedding, or a device-side assert on a GPU.
+        if rows.size and int(rows.max()) >= self.shards.vocab_size:
+            raise self._out_of_vocab(rows, samples)
         tokens = torch.from_numpy(rows.astype(np.int64))
         self.batch_index += 1
         if self.batch_index == self.steps_per_epoch:
@@ -147,6 +153,18 @@ class TokenLoader:
                 ids = None if ids is None else pinned(ids)
             batches.append(Batch(inputs, labels, ids, sample_ids))
         return batches
+
+    def _out_of_vocab(self, rows: np.ndarray, samples: np.ndarray) -> DataError:
+        """The error naming the first token of `rows` outside the vocabulary: value and place."""
+        vocab = self.shards.vocab_size
+        row, col = np.unravel_index(int(np.argmax(rows >= vocab)), rows.shape)
+        path, offset = self.shards.locate(int(samples[row]) * self.seq_len + int(col))
+        return DataError(
+            f"token id {int(rows[row, col])} at token {offset} of {path} (split "
+            f"'{self.shards.split}') is not below the vocabulary size {vocab} of the manifest: "
+            "the shard is damaged or does not belong to this dataset; `distrib prepare --verify` "
+            "checks every shard"
+        )
 
     def reset(self) -> None:
         """Start again at epoch 0, batch 0 (each evaluation then sees the same batches)."""
@@ -192,8 +210,12 @@ def build_loaders(
     batches in pinned memory if `pin_memory` (for a CUDA device).
 
     Val uses the training global batch when the split holds one, else the most full sequences
-    it holds, rounded down to a multiple of micro batch x data-parallel size.
+    it holds, rounded down to a multiple of micro batch x data-parallel size. Opening checks
+    the shards' sizes and spot digests; the first rank also reports (never removes) working
+    folders that interrupted preparations left next to the dataset.
     """
+    if detect_launch().rank == 0:
+        report_leftovers(data.dir, lambda line: print(f"distrib: {line}", flush=True))
     common = {
         "seq_len": data.seq_len,
         "micro_batch_size": training.micro_batch_size,

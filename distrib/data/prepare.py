@@ -14,14 +14,16 @@ from distrib.config import DataConfig
 from distrib.data.shards import (
     DEFAULT_SHARD_TOKENS,
     ShardWriter,
-    TokenShards,
     atomic_dir,
+    find_damage,
     make_manifest,
+    read_manifest,
     token_dtype,
     write_manifest,
 )
-from distrib.data.sources import SPLITS, Corpus, load_corpus
+from distrib.data.sources import SPLITS, STDLIB_FILTER_VERSION, Corpus, load_corpus
 from distrib.data.tokenizer import TOKENIZER_FILE, Tokenizer, train_bpe
+from distrib.data.verify import tidy_leftovers
 from distrib.errors import DataError
 
 BATCH_DOCUMENTS = 1000  # documents per encode_batch call: enough to keep the Rust threads busy
@@ -70,16 +72,34 @@ _LOADER_ONLY = ("seq_len", "cross_document_attention")
 
 def _recipe(cfg: DataConfig, vocab_size: int, seed: int) -> dict[str, Any]:
     data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _LOADER_ONLY}
-    return {"data": data, "requested_vocab_size": vocab_size, "seed": seed}
+    recipe = {"data": data, "requested_vocab_size": vocab_size, "seed": seed}
+    if cfg.source == "":  # a new filter of the default corpus makes its datasets out of date
+        recipe["stdlib_filter"] = STDLIB_FILTER_VERSION
+    return recipe
 
 
-def is_up_to_date(cfg: DataConfig, vocab_size: int, seed: int) -> bool:
-    """Whether cfg.dir already holds a complete dataset made from the same recipe."""
+def is_up_to_date(
+    cfg: DataConfig, vocab_size: int, seed: int, log: Callable[[str], None] | None = None
+) -> bool:
+    """Whether cfg.dir already holds a complete dataset made from the same recipe whose shards
+    pass the cheap check (sizes, spot digests); damage found is reported through `log`."""
+    dir = Path(cfg.dir)
     try:
-        manifest = TokenShards.open(Path(cfg.dir), "train").manifest
+        manifest = read_manifest(dir)
     except DataError:
         return False
-    return manifest.get("recipe") == _recipe(cfg, vocab_size, seed)
+    if manifest.get("recipe") != _recipe(cfg, vocab_size, seed):
+        return False
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    records = [r for split in manifest["splits"].values() for r in split["shards"]]
+    problems = find_damage(dir, records, itemsize, manifest.get("spot_check"))
+    if problems and log is not None:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        log(
+            f"{dir} was made from this recipe but is damaged, so it is rebuilt: "
+            f"{'; '.join(problems[:3])}{more}"
+        )
+    return not problems
 
 
 def prepare_dataset(
@@ -94,11 +114,14 @@ def prepare_dataset(
 
     Train documents are shuffled with `seed` so the packed stream mixes sources; val keeps the
     corpus order. The folder appears (or replaces the old one) only once complete. A folder
-    already made from the same recipe is kept as it is unless `force`.
+    already made from the same recipe, and undamaged by the cheap check, is kept as it is unless
+    `force`. Working folders that interrupted preparations left next to it are tidied first.
     """
-    if not force and is_up_to_date(cfg, vocab_size, seed):
+    final = Path(cfg.dir)
+    tidy_leftovers(final, log)
+    if not force and is_up_to_date(cfg, vocab_size, seed, log):
         log(f"{cfg.dir} is up to date (same corpus, tokenizer and seed); --force rebuilds it")
-        return Path(cfg.dir)
+        return final
     start = time.perf_counter()
     corpus = load_corpus(cfg)
     log(
@@ -108,7 +131,6 @@ def prepare_dataset(
     tokenizer = build_tokenizer(cfg, corpus, vocab_size)
     dtype = token_dtype(tokenizer.vocab_size)
     splits: dict[str, list[dict[str, Any]]] = {}
-    final = Path(cfg.dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         for split in SPLITS:

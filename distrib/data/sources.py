@@ -1,8 +1,9 @@
 """Documents from a corpus, split into train / val.
 
 The default corpus (`data.source == ""`) is the running interpreter's standard library source, one
-document per `.py` file, split by file. Anything else goes through HF `datasets`: a local
-.txt/.jsonl/.json/.parquet file or folder, or a hub dataset name, split by document index.
+document per `.py` file, split by file, without its generated data tables (`looks_like_table`).
+Anything else goes through HF `datasets`: a local .txt/.jsonl/.json/.parquet file or folder, or a
+hub dataset name, split by document index.
 Both splits use a stable hash, so the val set is the same on every machine.
 """
 
@@ -30,6 +31,28 @@ BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 # Directories of the stdlib that are tests or third-party code, not the library itself.
 _SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", "idle_test"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# Generated tables (the charmap codecs `encodings/cp*.py`, `pydoc_data/topics.py`,
+# `html/entities.py`, `stringprep.py`, ...) are a fifth of the stdlib's bytes and, being
+# repetitive, most of what a small model learns from it: the quick start's samples read like
+# codec tables. They are recognised by their tokens: in a table, literals and the commas and
+# colons between them are most of the code tokens (64% to 100% in CPython 3.11's stdlib), in
+# ordinary modules a fifth (median 18%, rarely above 45%). Small files are kept whatever they
+# hold: they weigh little, and a short `__init__.py` may be one docstring.
+TABLE_LITERAL_SHARE = 0.6
+TABLE_MIN_BYTES = 4096
+# Part of the recipe of a default-corpus dataset: raise it when the filter changes, so that
+# `distrib prepare` rebuilds the datasets made with the old one.
+STDLIB_FILTER_VERSION = 1
+# A Python tokenizer close enough for counting: comments, strings (any prefix, triple-quoted
+# included), numbers, names, single characters. `tokenize` gives the same shares within 0.03
+# on the stdlib but takes 6 s over it, more than the rest of `distrib prepare`; this takes 1 s.
+_TOKEN = re.compile(
+    r"#[^\n]*"
+    r"""|[rRbBuUfF]{0,2}(?:'''[\s\S]*?'''|\"\"\"[\s\S]*?\"\"\""""
+    r"""|'(?:\\[\s\S]|[^'\\\n])*'|"(?:\\[\s\S]|[^"\\\n])*")"""
+    r"|\d[\w.]*|\w+|[^\s\w]"
+)
 
 
 @dataclass
@@ -118,22 +141,55 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def literal_share(text: str) -> float:
+    """The share of literals (strings, numbers) and of `,` and `:` among the code tokens of a
+    Python source, comments left out: about 0.2 for code, above 0.6 for a data table."""
+    code = literal = 0
+    for token in _TOKEN.findall(text):
+        first = token[0]
+        if first == "#":
+            continue
+        code += 1
+        # A string token ends in a quote (whatever its prefix); no other token does.
+        if first.isdigit() or first in ",:" or token[-1] in "'\"":
+            literal += 1
+    return literal / code if code else 0.0
+
+
+def looks_like_table(text: str) -> bool:
+    """Whether a Python source is a generated data table rather than code (see TABLE_*)."""
+    return len(text) >= TABLE_MIN_BYTES and literal_share(text) > TABLE_LITERAL_SHARE
+
+
+def stdlib_documents(root: Path, max_documents: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """Keys (paths relative to `root`) and texts of the non-empty stdlib files that are not data
+    tables, the first `max_documents` of them if set; and the keys of the tables left out."""
+    keys, texts, tables = [], [], []
+    for path in stdlib_files(root):
+        if max_documents and len(texts) == max_documents:
+            break
+        text = _decode(path.read_bytes(), path)
+        key = path.relative_to(root).as_posix()
+        if looks_like_table(text):
+            tables.append(key)
+        elif text.strip():
+            keys.append(key)
+            texts.append(text)
+    return keys, texts, tables
+
+
 def _stdlib_corpus(cfg: DataConfig) -> Corpus:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = stdlib_files(root)
-    if cfg.max_documents:
-        files = files[: cfg.max_documents]
-    keys, texts = [], []
-    for path in files:
-        text = _decode(path.read_bytes(), path)
-        if text.strip():
-            keys.append(path.relative_to(root).as_posix())
-            texts.append(text)
+    keys, texts, tables = stdlib_documents(root, cfg.max_documents)
     if not texts:
         raise DataError(f"no Python source files found under {root}")
     train, val = split_by_key(keys, cfg.val_fraction)
     version = ".".join(map(str, sys.version_info[:3]))
-    return Corpus(f"python {version} stdlib ({root}), {len(texts)} files", texts, train, val)
+    description = (
+        f"python {version} stdlib ({root}), {len(texts)} files "
+        f"({len(tables)} generated data tables left out)"
+    )
+    return Corpus(description, texts, train, val)
 
 
 # ---- local files and hub datasets through HF datasets -------------------------------------------

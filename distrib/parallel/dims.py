@@ -46,11 +46,13 @@ class ParallelDims:
                 degrees[key] = world_size // known
         dims = cls(**degrees)
         if dims.world_size != world_size:
+            n = dims.world_size
             raise ConfigError(
-                f"the parallel layout dp_replicate={dims.dp_replicate} x dp_shard={dims.dp_shard} "
-                f"x tp={dims.tp} x pp={dims.pp} uses {dims.world_size} process(es) but "
-                f"{world_size} were launched: launch {dims.world_size}, or set one degree to -1 "
-                "to fill the world"
+                f"the parallel layout needs a world size of {n} (parallel.dp_replicate "
+                f"{dims.dp_replicate} x dp_shard {dims.dp_shard} x tp {dims.tp} x pp {dims.pp}) "
+                f"but the launch has {world_size} process(es): launch {n} (e.g. torchrun "
+                f"--nproc_per_node={n}), or change the degrees to multiply to {world_size} (one "
+                "of them may be -1, inferred from the world size)"
             )
         return dims
 

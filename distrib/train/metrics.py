@@ -150,7 +150,8 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Rank 0's sinks: a tqdm progress bar, `<run_dir>/metrics.jsonl`, TensorBoard and W&B."""
+    """Rank 0's sinks: a tqdm progress bar (plain lines off a terminal), `<run_dir>/metrics.jsonl`,
+    TensorBoard and W&B."""
 
     def __init__(
         self,
@@ -163,17 +164,29 @@ class MetricsLogger:
     ) -> None:
         self.cfg = cfg
         self.enabled = enabled
+        self._total_steps = total_steps
         self._bar = None
+        self._plain = False
         self._tb = None
         self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        if cfg.progress:
+        if cfg.progress and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+        else:
+            # Off a terminal (a Slurm log, tee, CI) every redraw of a bar would pile up as
+            # carriage returns in one endless line: print a plain line per logged step instead.
+            self._plain = cfg.progress
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -199,7 +212,10 @@ class MetricsLogger:
     def progress(
         self, step: int, loss: float | None, lr: float, tokens_per_s: float | None
     ) -> None:
-        """Advance the progress bar to `step` with the latest figures (None: none logged yet)."""
+        """Advance the progress bar to `step` with the latest figures (None: none logged yet);
+        off a terminal, print them on one line every `metrics.log_every` steps and at the end."""
+        if self._plain and (step % self.cfg.log_every == 0 or step == self._total_steps):
+            print(_progress_line(step, self._total_steps, loss, lr, tokens_per_s), flush=True)
         if self._bar is None:
             return
         post = {"lr": f"{lr:.2e}"} if loss is None else {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}"}
@@ -227,6 +243,19 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._jsonl.close()
+
+
+def _progress_line(
+    step: int, total: int, loss: float | None, lr: float, tokens_per_s: float | None
+) -> str:
+    """`step 10/200 | loss 4.1234 | lr 3.00e-03 | 12,345 tok/s`, leaving out what is unknown."""
+    parts = [f"step {step}/{total}"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    parts.append(f"lr {lr:.2e}")
+    if tokens_per_s is not None:
+        parts.append(f"{tokens_per_s:,.0f} tok/s")
+    return " | ".join(parts)
 
 
 def _finite_or_none(value: Any) -> Any:

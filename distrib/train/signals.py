@@ -1,7 +1,9 @@
-"""Stop cleanly on SIGTERM or SIGUSR1: finish the current step, save a checkpoint, exit 0.
+"""Stop cleanly on SIGTERM, SIGUSR1 or SIGINT: finish the current step, save a checkpoint, exit 0.
 
 Slurm sends SIGTERM on preemption and, with `#SBATCH --signal=USR1@N`, SIGUSR1 N seconds before
-the time limit. A signal may reach only some ranks (or reach them at different steps), so after
+the time limit. Ctrl-C (SIGINT) does the same; a second Ctrl-C stops at once (KeyboardInterrupt)
+for a user who will not wait for the checkpoint. torchrun starts its workers in sessions of their
+own and forwards the one SIGINT it gets, so each worker sees a single Ctrl-C as one. A signal may reach only some ranks (or reach them at different steps), so after
 each step every rank shares whether it has one; all stop at the same step boundary, which is what
 a collective checkpoint needs.
 """
@@ -14,7 +16,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -27,6 +29,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._interrupted = False  # a Ctrl-C came: the next one interrupts at once
         self._previous: dict[int, object] = {}
         self._group: dist.ProcessGroup | None = None
         if dist.is_available() and dist.is_initialized():
@@ -34,6 +37,9 @@ class StopRequest:
             self._group = dist.new_group(backend="gloo")
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self._interrupted:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+        self._interrupted = self._interrupted or signum == signal.SIGINT
         # Only record it: checkpointing inside a signal handler could interrupt a collective.
         self.signal = signum
 

@@ -74,6 +74,10 @@ class Trainer:
         self.runtime = runtime
         self.run_dir = Path(cfg.job.run_dir)
         check_dataset(cfg.data, cfg.model)
+        # Before any other work: the run folder is this run's (locked, identified) or we stop.
+        self.run_folder = ckpt.claim_on_every_rank(
+            self.run_dir, cfg.checkpoint.resume, cfg.job.overwrite, runtime.is_main
+        )
         seed_everything(cfg.training.seed)
         self.engine: Engine
         self.engine, self.dp_rank, self.dp_size = build_engine(cfg, runtime)
@@ -86,7 +90,7 @@ class Trainer:
             "layout": to_dict(cfg)["parallel"],
             "config": to_dict(cfg),
         }
-        self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir, info)
+        self.checkpointer = ckpt.Checkpointer(cfg.checkpoint, self.run_dir, info, self.run_folder)
         # The step reached, and the steps whose batch is passed over after a rollback
         # (training.on_nonfinite = rollback).
         self.state = ckpt.TrainState()
@@ -169,7 +173,7 @@ class Trainer:
             to_dict(self.cfg),
         )
         self._prepare_run_dir(log)
-        for note in notes:
+        for note in [*self.run_folder.notes, *notes]:
             log.write(note)
         if resumed is not None:
             log.write(f"resumed from {resumed} at step {self.step}")
@@ -226,6 +230,7 @@ class Trainer:
         finally:
             self.stop.uninstall()
             log.close()
+            self.run_folder.release()
         return record
 
     def _refused(self, result: StepResult, log: MetricsLogger) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def _start(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # SIGUSR1: distributed/
 def test_stop_signal_checkpoints_and_exits_cleanly(
     data_dir: Path, tmp_path: Path, sig: signal.Signals
 ) -> None:
@@ -114,3 +115,16 @@ def test_stop_signal_checkpoints_and_exits_cleanly(
     want = {r["step"]: r["loss"] for r in records(tmp_path / "whole")}
     got = {r["step"]: r["loss"] for r in records(tmp_path / "run")}
     assert got == want
+
+
+def test_second_ctrl_c_stops_at_once_without_a_traceback(data_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C checkpoints at the next step like SIGTERM; a second one does not wait for it."""
+    slow = ["--debug.straggler_rank=0", "--debug.straggler_sleep_s=0.5"]
+    proc = _start(tmp_path / "run", data_dir, *slow)
+    wait_for_step(tmp_path / "run", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # two signals before Python runs its handler would count as one
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "distrib train: interrupted" in err and "Traceback" not in err
