@@ -162,22 +162,42 @@ def _remove_unfinished_saves(run_dir: Path, notes: list[str]) -> None:
         notes.append(f"removed {tmp}: a checkpoint save that never finished (a crash or a kill)")
 
 
+# What a run writes into its folder. Anything else (the per-rank logs `launch/train.sh` writes
+# there before training starts, a user's notes) is not a run's history: it neither makes the
+# folder "used" nor moves aside.
+RUN_ARTIFACTS = (
+    RUN_FILE,
+    "checkpoints",
+    "metrics.jsonl",
+    "config.json",
+    "tokenizer.json",
+    "tensorboard",
+    "wandb",
+    "report",
+)
+
+
 def _used(run_dir: Path) -> bool:
-    """Whether an earlier run left anything behind (beyond the lock and the moved-aside runs)."""
-    return any(p.name not in (LOCK_FILE, PREVIOUS) for p in run_dir.iterdir())
+    """Whether an earlier run left a history here: an identity, a checkpoint or metrics."""
+    checkpoints = run_dir / "checkpoints"
+    return (
+        (run_dir / RUN_FILE).exists()
+        or (run_dir / "metrics.jsonl").exists()
+        or (checkpoints.is_dir() and any(checkpoints.glob("step-*")))
+    )
 
 
 def _move_aside(run_dir: Path, old_id: str | None) -> Path:
-    """Move everything but the lock into `previous/<time>-<old id>`; returns that folder."""
+    """Move the earlier run's files into `previous/<time>-<old id>`; returns that folder."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest = run_dir / PREVIOUS / f"{stamp}-{(old_id or 'unnamed')[:8]}"
     n = 1
     while dest.exists():
         dest, n = dest.with_name(f"{dest.name.rsplit('.', 1)[0]}.{n}"), n + 1
     dest.mkdir(parents=True)
-    for entry in run_dir.iterdir():
-        if entry.name not in (LOCK_FILE, PREVIOUS):
-            entry.rename(dest / entry.name)
+    for name in RUN_ARTIFACTS:
+        if (run_dir / name).exists():
+            (run_dir / name).rename(dest / name)
     return dest
 
 

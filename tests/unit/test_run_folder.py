@@ -62,6 +62,20 @@ def test_claim_decides_continue_refuse_or_move_aside(tmp_path: Path) -> None:
     moved.release()
 
 
+def test_launcher_logs_are_no_runs_history(tmp_path: Path) -> None:
+    """launch/train.sh writes <run_dir>/logs before training: not a reason to refuse a fresh
+    run, and not moved aside with an old run (the launcher is writing them)."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "rank0.log").write_text("starting\n")
+    first = ckpt.claim(tmp_path, "never", False)
+    _save(tmp_path, first, (1,))
+    first.release()
+    ckpt.claim(tmp_path, "never", True).release()
+    assert (tmp_path / "logs" / "rank0.log").read_text() == "starting\n"
+    (old,) = (tmp_path / "previous").iterdir()
+    assert sorted(p.name for p in old.iterdir()) == ["checkpoints", "run.json"]
+
+
 def test_a_checkpoint_from_elsewhere_starts_a_new_run(tmp_path: Path) -> None:
     source = ckpt.claim(tmp_path / "a", "auto", False)
     _save(tmp_path / "a", source, (4,))
