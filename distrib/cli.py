@@ -81,10 +81,11 @@ def cmd_train(cfg: Config) -> None:
     launch = detect_launch()
     _launched = launch.distributed
     _check_layout(cfg, launch.world_size)
-    check_dataset(cfg.data, cfg.model)
+    report = (lambda line: print(f"distrib: {line}", flush=True)) if launch.rank == 0 else None
+    shards = check_dataset(cfg.data, cfg.model, report)
     runtime = init_runtime(launch=launch)
     try:
-        Trainer(cfg, runtime).train()
+        Trainer(cfg, runtime, shards).train()
         # Every rank finishes its in-flight collectives before the group is torn down.
         runtime.barrier()
     finally:

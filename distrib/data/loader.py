@@ -19,9 +19,7 @@ import torch
 from distrib.config import DataConfig, TrainingConfig
 from distrib.config.rules import accumulation_steps
 from distrib.data.shards import TokenShards
-from distrib.data.verify import report_leftovers
 from distrib.errors import DataError
-from distrib.runtime import detect_launch
 
 
 @dataclass
@@ -205,17 +203,16 @@ def build_loaders(
     dp_rank: int,
     dp_size: int,
     pin_memory: bool = False,
+    train_shards: TokenShards | None = None,
 ) -> tuple[TokenLoader, TokenLoader]:
     """The train loader and the (unshuffled) val loader over the dataset in `data.dir`, with
-    batches in pinned memory if `pin_memory` (for a CUDA device).
+    batches in pinned memory if `pin_memory` (for a CUDA device). `train_shards`: the training
+    split already opened (and checked), so that it is not opened and checked again.
 
     Val uses the training global batch when the split holds one, else the most full sequences
     it holds, rounded down to a multiple of micro batch x data-parallel size. Opening checks
-    the shards' sizes and spot digests; the first rank also reports (never removes) working
-    folders that interrupted preparations left next to the dataset.
+    the shards' sizes and spot digests.
     """
-    if detect_launch().rank == 0:
-        report_leftovers(data.dir, lambda line: print(f"distrib: {line}", flush=True))
     common = {
         "seq_len": data.seq_len,
         "micro_batch_size": training.micro_batch_size,
@@ -226,7 +223,9 @@ def build_loaders(
         "pin_memory": pin_memory,
     }
     train = TokenLoader(
-        TokenShards.open(data.dir, "train"), global_batch_size=training.global_batch_size, **common
+        train_shards or TokenShards.open(data.dir, "train"),
+        global_batch_size=training.global_batch_size,
+        **common,
     )
     val_shards = TokenShards.open(data.dir, "val")
     per_step = training.micro_batch_size * dp_size

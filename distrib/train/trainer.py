@@ -17,6 +17,7 @@ from distrib import checkpoint as ckpt
 from distrib.config import Config, DataConfig, ModelConfig, to_dict
 from distrib.data.loader import TokenLoader, build_loaders
 from distrib.data.shards import TokenShards
+from distrib.data.verify import report_leftovers
 from distrib.engines.base import Engine, StepResult
 from distrib.engines.build import build_engine
 from distrib.errors import ConfigError, TrainingDiverged
@@ -37,9 +38,15 @@ from distrib.train.signals import StopRequest
 from distrib.train.stragglers import StragglerMonitor
 
 
-def check_dataset(data: DataConfig, model: ModelConfig) -> TokenShards:
-    """Open the prepared training split and check the model can embed its vocabulary; runs
-    before any process group or model exists, so a mismatch costs nothing."""
+def check_dataset(
+    data: DataConfig, model: ModelConfig, report: Callable[[str], None] | None = None
+) -> TokenShards:
+    """Open (and spot-check) the prepared training split and check the model can embed its
+    vocabulary; runs before any process group or model exists, so a mismatch costs nothing.
+    With `report` (one rank), working folders that interrupted preparations left next to the
+    dataset are reported there, never removed: a preparation may still be running."""
+    if report is not None:
+        report_leftovers(data.dir, report)
     shards = TokenShards.open(Path(data.dir), "train")
     if shards.vocab_size > model.vocab_size:
         raise ConfigError(
@@ -50,11 +57,15 @@ def check_dataset(data: DataConfig, model: ModelConfig) -> TokenShards:
 
 
 def build_data(
-    cfg: Config, dp_rank: int, dp_size: int, pin_memory: bool = False
+    cfg: Config,
+    dp_rank: int,
+    dp_size: int,
+    pin_memory: bool = False,
+    train_shards: TokenShards | None = None,
 ) -> tuple[TokenLoader, TokenLoader]:
     """This rank's training and validation loaders; `pin_memory` for a CUDA device, so the
     copies of its batches to the device overlap with compute."""
-    return build_loaders(cfg.data, cfg.training, dp_rank, dp_size, pin_memory=pin_memory)
+    return build_loaders(cfg.data, cfg.training, dp_rank, dp_size, pin_memory, train_shards)
 
 
 # More rollbacks than this in one run means the divergence is not one bad batch.
@@ -69,11 +80,15 @@ def _refuse(loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
 class Trainer:
     """Holds the built pieces of one run and trains it; `train()` is the whole loop."""
 
-    def __init__(self, cfg: Config, runtime: Runtime) -> None:
+    def __init__(
+        self, cfg: Config, runtime: Runtime, train_shards: TokenShards | None = None
+    ) -> None:
+        """`train_shards`: the training split as `check_dataset` opened it, if the caller
+        already did (opening spot-checks every shard: once per process is enough)."""
         self.cfg = cfg
         self.runtime = runtime
         self.run_dir = Path(cfg.job.run_dir)
-        check_dataset(cfg.data, cfg.model)
+        train_shards = train_shards or check_dataset(cfg.data, cfg.model)
         # Before any other work: the run folder is this run's (locked, identified) or we stop.
         self.run_folder = ckpt.claim_on_every_rank(
             self.run_dir, cfg.checkpoint.resume, cfg.job.overwrite, runtime.is_main
@@ -82,7 +97,7 @@ class Trainer:
         self.engine: Engine
         self.engine, self.dp_rank, self.dp_size = build_engine(cfg, runtime)
         self.train_loader, self.val_loader = build_data(
-            cfg, self.dp_rank, self.dp_size, pin_memory=runtime.device.type == "cuda"
+            cfg, self.dp_rank, self.dp_size, runtime.device.type == "cuda", train_shards
         )
         info = {
             "engine": cfg.parallel.engine,
