@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check of docs/performance.md in one command that ends before a deadline: the GPU
-# tests, bench.mfu's debug preset (the GPU-over-CPU speed-up) and its 1b preset (the MFU
-# target). Logs, worker logs and result JSONs are written into --out as they are produced (each
-# JSON is rewritten after every setting), so a run killed midway keeps what it measured.
+# tests, bench.mfu's debug preset (the GPU-over-CPU speed-up), bench.moe's GPU rows (an MoE with
+# grouped_mm vs the expert loop vs the dense model of the same active parameters) and bench.mfu's
+# 1b preset (the MFU target). Logs, worker logs and result JSONs are written into --out as they
+# are produced (each mfu JSON is rewritten after every setting), so a run killed midway keeps
+# what it measured.
 #
 #   bash bench/run_gpu.sh [--deadline-s 540] [--out DIR] [--wheels DIR] [--python PY]
-#                         [--stages tests,debug,1b] [--axes-1b LIST] [--dry-run]
+#                         [--stages tests,debug,moe,1b] [--axes-1b LIST] [--dry-run]
 #
 # --deadline-s  seconds the whole script may take (default 540, at least 240). The GPU tests
-#               get at most 150 s, the debug preset a third of what is then left (at most 150 s)
+#               get at most 150 s, the debug preset a third of what is then left (at most 150 s),
+#               bench.moe a quarter of what is then left (at most 90 s; `timeout` ends it there)
 #               and the 1b preset the rest less 10 s. Each bench.mfu run gets its share as its
 #               own --deadline-s: it cuts a setting's timeout to what is left and starts none
 #               that cannot finish, so nothing runs past the deadline.
@@ -17,15 +20,16 @@
 # --wheels      a folder of wheels (e.g. torchao) installed into a private target folder first,
 #               for a GPU image that lacks them and has no network.
 # --python      the interpreter with CUDA torch (default: $PYTHON or python3).
-# --stages      which of tests, debug, 1b to run (default all three); `--stages 1b` gives the
-#               1b preset a whole window of its own.
+# --stages      which of tests, debug, moe, 1b to run (default all four); `--stages 1b` gives
+#               the 1b preset a whole window of its own.
 # --axes-1b     the 1b preset's axes (default: compile, loss_chunk_tokens, micro_batch_size,
 #               float8, activation_checkpoint, plus attention where flash_attn or a cuDNN
 #               backend is there: otherwise that axis holds only eager, the slowest row).
 # --dry-run     rehearse every stage on a machine without CUDA: the GPU tests are collected
-#               (and skip), the debug preset runs a few eager one-step settings, the 1b preset a
-#               CPU-sized stand-in model through the same plan, JSON and verdict code (its
-#               verdict: "unknown peak", as a CPU has no peak); JSONs go to --out only.
+#               (and skip), the debug preset runs a few eager one-step settings, bench.moe one
+#               step of each contender of its CPU preset, the 1b preset a CPU-sized stand-in
+#               model through the same plan, JSON and verdict code (its verdict: "unknown
+#               peak", as a CPU has no peak); JSONs go to --out only.
 #
 # Setting timeouts (each cut to what is left of its stage): a compiled setting gets process
 # start, CUDA init and a cold Inductor compile on top of its steps. Debug preset 90 s eager,
@@ -40,7 +44,7 @@ deadline_s=540
 out=""
 wheels=""
 py=${PYTHON:-python3}
-stages=tests,debug,1b
+stages=tests,debug,moe,1b
 axes_1b=""
 dry=0
 while [[ $# -gt 0 ]]; do
@@ -62,8 +66,8 @@ if ! [[ $deadline_s =~ ^[0-9]+$ ]] || (( deadline_s < 240 )); then
   exit 2
 fi
 for s in ${stages//,/ }; do
-  [[ $s == tests || $s == debug || $s == 1b ]] || {
-    echo "bench/run_gpu.sh: unknown stage '$s' in --stages (valid: tests, debug, 1b)" >&2
+  [[ $s == tests || $s == debug || $s == moe || $s == 1b ]] || {
+    echo "bench/run_gpu.sh: unknown stage '$s' in --stages (valid: tests, debug, moe, 1b)" >&2
     exit 2
   }
 done
@@ -138,7 +142,31 @@ if has debug; then
   fi
 fi
 
-# 3. 1b preset, the target, with what is left. In a dry run: a CPU-sized stand-in model (same
+# 3. bench.moe's GPU rows: bf16 tokens/s of a ~0.5B MoE (32 experts, top-4) with grouped_mm and
+#    with the expert loop, and of its dense twin; eager, no compile. A quarter of what is left,
+#    at most 90 s, when the 1b preset follows; `timeout` ends it there, its own deadline 15 s
+#    earlier (process start and CUDA init come first). Its JSON goes to --out (and, outside a
+#    dry run, to bench/results).
+if has moe; then
+  share=$(( $(left) - 10 ))
+  if has 1b; then
+    share=$(( $(left) / 4 ))
+    (( share > 90 )) && share=90
+  fi
+  args=(--preset gpu --parts throughput --repeats 2 --warmup 3 --steps 8)
+  (( dry )) && args=(--preset cpu --parts throughput --repeats 1 --warmup 1 --steps 1)
+  echo "== bench.moe, GPU rows (deadline ${share} s)"
+  if (( share < 45 )); then
+    echo "bench/run_gpu.sh: only ${share} s left for bench.moe; skipped" >&2
+    failed=1
+  else
+    timeout -k 5 "$share" "$py" -m bench.moe "${args[@]}" --deadline-s $(( share - 15 )) \
+      --out "$logs" "${mode[@]}" 2>&1 | tee "$logs/moe.log"
+    (( PIPESTATUS[0] == 0 )) || failed=1
+  fi
+fi
+
+# 4. 1b preset, the target, with what is left. In a dry run: a CPU-sized stand-in model (same
 #    preset otherwise), eager only (a cold compile on a CPU takes minutes).
 if has 1b; then
   if [[ -z $axes_1b ]] && (( dry )); then

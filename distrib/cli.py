@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from distrib.config import Config, help_lines, load_config
+from distrib.config import Config, ModelConfig, help_lines, load_config
 from distrib.errors import UserError
 
 # Whether this `distrib train` was started as one of several processes (see `_finish`).
@@ -145,6 +145,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {len(paths)} files to {out}")
 
 
+def _from_init_folder(model: ModelConfig, explicit: set[str]) -> ModelConfig:
+    # model.init_from = "hf:PATH" takes the folder's shape and family for every model key the
+    # user did not set (imported here: transformers and torch are slow to import).
+    from distrib.models.hf import init_from_model_config
+
+    return init_from_model_config(model, explicit)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `distrib` console script; returns the exit code."""
     parser = build_parser()
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cmd_report(args)
             return 0
-        cfg = load_config(args.config, rest)
+        cfg = load_config(args.config, rest, resolve_model=_from_init_folder)
         if args.command == "train":
             cmd_train(cfg)
         else:

@@ -2,13 +2,20 @@
 full (unsharded) tensors from outside into a parallelized model.
 
 `distrib export --format hf` writes what `transformers.AutoModelForCausalLM.from_pretrained` and
-`AutoTokenizer.from_pretrained` load: config.json, generation_config.json, safetensors weights
-(sharded with an index above `max_shard_size`) and the run's tokenizer. The writing is done by
-transformers' own `save_pretrained`, so the folder is exactly what it expects to read.
+`AutoTokenizer.from_pretrained` load: config.json (the class `model.family` names),
+generation_config.json, safetensors weights (sharded with an index above `max_shard_size`) and
+the run's tokenizer.
+
+The weights are written in the on-disk layout that `save_pretrained` writes and both
+transformers 4.x and 5.x read (MoE experts one tensor each; 5.x fuses them only in memory), by
+huggingface_hub's `save_torch_state_dict`, the writer `save_pretrained` itself calls; going
+through an in-memory HF model instead would tie the export to one transformers version's layout.
+config.json also carries the keys 4.x reads that 5.x no longer writes (`legacy_config_keys`).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +25,8 @@ import torch
 from distrib.checkpoint.run import load_run
 from distrib.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from distrib.errors import ExportError
-from distrib.models.hf import hf_config, to_hf_state_dict
+from distrib.models.hf import CONFIG_FILE
+from distrib.models.hf_families import hf_config, legacy_config_keys, to_hf_state_dict
 from distrib.models.transformer import Transformer
 
 FORMATS = ("hf",)
@@ -43,25 +51,51 @@ def hf_tokenizer(tokenizer_file: Path, max_seq_len: int) -> Any:
     )
 
 
+def _check_expert_bias(model: Transformer) -> None:
+    # No HF family routes with a bias: exporting a trained one would change which experts run.
+    for name, buffer in model.named_buffers():
+        if name.endswith("expert_bias") and bool(buffer.ne(0).any()):
+            raise ExportError(
+                f"{name} is not zero (auxiliary-loss-free balancing, model.moe_bias_update_rate "
+                f"> 0): {model.cfg.family} has no routing bias, so the exported model would "
+                "route differently"
+            )
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors under the on-disk HF names, each with storage of its own (the
+    per-expert slices of a stack are copied: the writer refuses tensors sharing storage), the
+    tied head left out (the config's tie_word_embeddings restores it)."""
+    state = to_hf_state_dict(model.state_dict(), model.cfg)
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {name: t.detach().clone() if t._is_view() else t.detach() for name, t in state.items()}
+
+
 def save_hf(model: Transformer, tokenizer_file: Path, out: Path, max_shard_size: str | int) -> None:
     """Write `model` (full, on one process) and its tokenizer as an HF folder `out`."""
     import transformers
+    from huggingface_hub import save_torch_state_dict
 
+    _check_expert_bias(model)
     tokenizer = hf_tokenizer(tokenizer_file, model.cfg.max_seq_len)
     eos_id = tokenizer.eos_token_id
     config = hf_config(model.cfg, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    # Built on meta and given our tensors (assign=True): no second copy, no random init.
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(config)
-    state = to_hf_state_dict(model.state_dict())
-    if model.cfg.tie_embeddings:
-        del state["lm_head.weight"]  # the same tensor as the embedding; tie_weights restores it
-    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
-    hf.tie_weights()
-    if unexpected or set(missing) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()):
-        raise RuntimeError(f"HF conversion: missing {missing}, unexpected {unexpected}")
-    hf.save_pretrained(out, max_shard_size=max_shard_size)
+    state = hf_state_dict(model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(state, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    config.save_pretrained(out)
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    _add_config_keys(out / CONFIG_FILE, {**legacy_config_keys(model.cfg), "torch_dtype": dtype})
+    transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _add_config_keys(path: Path, keys: dict[str, Any]) -> None:
+    """Add `keys` that config.json lacks (never overwriting what transformers wrote)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update({k: v for k, v in keys.items() if k not in data})
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _check_out(out: Path) -> None:

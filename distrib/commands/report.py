@@ -1,7 +1,8 @@
 """`distrib report`: charts and a summary table from the run folders of one or more runs.
 
-Runs are read by `report_runs.py` and drawn by `report_charts.py`; this module writes the
-summary table and the report folder.
+Runs are read by `report_runs.py` and drawn by `report_charts.py`; `report_moe.py` adds the
+Mixture-of-Experts section where runs logged it; this module writes the summary table and the
+report folder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from distrib.commands.report_charts import CHARTS, line_chart, step_time_chart
+from distrib.commands.report_moe import CHART as MOE_CHART
+from distrib.commands.report_moe import has_moe, moe_markdown, with_moe_max
 from distrib.commands.report_runs import Run, load_run, num, series
 from distrib.errors import UserError
 
@@ -142,6 +145,7 @@ def summary_markdown(runs: list[Run], charts: list[str]) -> str:
     lines += ["", f"\\* {NOTES[0]}", ""]
     for note in NOTES[1:]:
         lines += [note, ""]
+    lines += moe_markdown(runs)
     lines += ["## Charts", ""] + [f"![{Path(c).stem}]({c})" for c in charts]
     return "\n".join(lines) + "\n"
 
@@ -155,6 +159,9 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [line_chart(runs, chart, out_dir / chart.file) for chart in CHARTS]
     paths.append(step_time_chart(runs, out_dir / "step_time.png"))
+    if has_moe(runs):
+        moe_runs = [with_moe_max(run) for run in runs]
+        paths.append(line_chart(moe_runs, MOE_CHART, out_dir / MOE_CHART.file))
     summary = out_dir / "summary.md"
     summary.write_text(summary_markdown(runs, [p.name for p in paths]), encoding="utf-8")
     return [*paths, summary]

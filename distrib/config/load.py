@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distrib.config.sections import SECTIONS, Config, base_type, choices
+from distrib.config.sections import SECTIONS, Config, ModelConfig, base_type, choices
 from distrib.config.validate import validate
 from distrib.errors import ConfigError
 
@@ -87,9 +88,21 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file at `path`, then command-line overrides; validated."""
+# Fills model keys from outside config/ (which may not import models/): given the model section
+# and the names of the model keys the user set, returns the section to validate. The CLI passes
+# `distrib.models.hf.init_from_model_config`, so `model.init_from = "hf:PATH"` sets the shape.
+ModelResolver = Callable[[ModelConfig, set[str]], ModelConfig]
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    resolve_model: ModelResolver | None = None,
+) -> Config:
+    """Defaults, then the TOML file at `path`, then command-line overrides, then
+    `resolve_model` (if given) on the model section; validated."""
     cfg = Config()
+    explicit: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -105,9 +118,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 )
             for name, value in values.items():
                 _set(cfg, f"{section}.{name}", value, from_text=False)
+                explicit.add(f"{section}.{name}")
     for key, value in parse_overrides(overrides or []):
         _set(cfg, key, value, from_text=True)
+        explicit.add(key)
     _check_choices(cfg)
+    if resolve_model is not None:
+        names = {key.partition(".")[2] for key in explicit if key.startswith("model.")}
+        cfg.model = resolve_model(cfg.model, names)
     validate(cfg)
     return cfg
 

@@ -45,7 +45,53 @@ class ModelConfig:
     )
     init_std: float = _f(0.02, "standard deviation of the weight initialization")
     init_from: str = _f(
-        "", "start from existing weights: 'hf:/path/to/folder' (a local Hugging Face Llama)"
+        "",
+        "start from existing weights: 'hf:/path/to/folder' (a local Hugging Face folder of a "
+        "supported architecture; its config sets the model keys)",
+    )
+    family: Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "custom"] = _f(
+        "llama",
+        "architecture family: which Hugging Face class export writes and which of the keys "
+        "below it can express; custom allows any combination and has no HF export",
+    )
+    head_dim: int = _f(0, "width of one attention head (0: dim / n_heads)")
+    qkv_bias: bool = _f(False, "bias on the q, k and v projections (Qwen2)")
+    qk_norm: bool = _f(False, "RMSNorm on each query and key head before RoPE (Qwen3)")
+    sliding_window: int = _f(
+        0, "attend only to the last N positions, this one included (Mistral; 0: all)"
+    )
+    rope_scaling: Literal["none", "llama3"] = _f(
+        "none", "RoPE frequency scaling: none, or llama3 (Llama 3.1 long context)"
+    )
+    rope_factor: float = _f(8.0, "rope_scaling = llama3: how much longer the context gets")
+    rope_low_freq_factor: float = _f(1.0, "rope_scaling = llama3: low-frequency boundary")
+    rope_high_freq_factor: float = _f(4.0, "rope_scaling = llama3: high-frequency boundary")
+    rope_original_max_seq_len: int = _f(
+        8192, "rope_scaling = llama3: the context length the model was first trained on"
+    )
+    moe_experts: int = _f(0, "routed experts per Mixture-of-Experts layer (0: dense SwiGLU)")
+    moe_top_k: int = _f(2, "experts each token is sent to")
+    moe_ffn_dim: int = _f(0, "hidden width of one expert's SwiGLU (0: ffn_dim)")
+    moe_shared_experts: int = _f(
+        0, "always-on shared experts per MoE layer, one SwiGLU of moe_shared_experts x moe_ffn_dim"
+    )
+    moe_dense_layers: int = _f(0, "the first N blocks keep the dense feed-forward (ffn_dim)")
+    moe_score: Literal["softmax", "sigmoid"] = _f("softmax", "router score function")
+    moe_norm_topk: bool = _f(True, "rescale each token's top-k expert weights to sum to one")
+    moe_route_scale: float = _f(1.0, "multiply the routed experts' weights by this")
+    moe_aux_loss_coef: float = _f(
+        0.0, "weight of the load-balancing auxiliary loss (Switch / Mixtral style; 0: off)"
+    )
+    moe_z_loss_coef: float = _f(0.0, "weight of the router z-loss (ST-MoE; 0: off)")
+    moe_bias_update_rate: float = _f(
+        0.0,
+        "auxiliary-loss-free balancing (DeepSeek-V3): per-step change of each expert's routing "
+        "bias towards uniform load (0: off)",
+    )
+    moe_kernel: Literal["auto", "grouped_mm", "loop"] = _f(
+        "auto",
+        "expert matmuls: grouped_mm (torch._grouped_mm, CUDA sm90+ bf16), loop (one matmul per "
+        "expert, any device); auto picks grouped_mm where it runs",
     )
 
 
@@ -118,6 +164,11 @@ class ParallelConfig:
     dp_replicate: int = _f(1, "replicated data-parallel degree (DDP; HSDP with dp_shard)")
     dp_shard: int = _f(1, "sharded data-parallel degree (FSDP2); -1 infers from the world size")
     tp: int = _f(1, "tensor-parallel degree")
+    ep: int = _f(
+        1,
+        "expert-parallel degree: experts sharded over this many of the dp_shard ranks, tokens "
+        "sent to them by all-to-all; divides dp_shard and model.moe_experts",
+    )
     pp: int = _f(1, "pipeline-parallel degree")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = _f(
         "1f1b", "pipeline schedule"

@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from distrib.config import rules
+from distrib.config import families, rules
 from distrib.config.sections import (
     SECTIONS,
     Config,
@@ -99,14 +99,63 @@ def _validate_model(m: ModelConfig) -> None:
         f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads}); "
         f"valid n_kv_heads: {[k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]}",
     )
-    _check(
-        m.dim % m.n_heads == 0 and (m.dim // m.n_heads) % 2 == 0,
-        f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads}) into an even head dim",
-    )
+    families.check_model_options(m)  # head dim, sliding window, RoPE scaling factors
+    _validate_moe(m)
+    families.check_family(m)
     _check(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps must be > 0")
     _check(
         m.init_from == "" or m.init_from.startswith("hf:"),
         f"model.init_from = '{m.init_from}': expected 'hf:/path/to/folder' or empty",
+    )
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    """The Mixture-of-Experts keys: checked only where moe_experts > 0 turns them on."""
+    _check(m.moe_experts >= 0, f"model.moe_experts must be >= 0 (0: dense), got {m.moe_experts}")
+    if m.moe_experts == 0:
+        return
+    _check(
+        1 <= m.moe_top_k <= m.moe_experts,
+        f"model.moe_top_k must be between 1 and model.moe_experts ({m.moe_experts}), "
+        f"got {m.moe_top_k}",
+    )
+    for key in ("moe_ffn_dim", "moe_shared_experts"):
+        _check(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+    _check(
+        0 <= m.moe_dense_layers < m.n_layers,
+        f"model.moe_dense_layers must be in [0, model.n_layers = {m.n_layers}) so that some "
+        f"block has experts, got {m.moe_dense_layers}",
+    )
+    for key in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
+        _check(getattr(m, key) >= 0, f"model.{key} must be >= 0 (0: off), got {getattr(m, key)}")
+    _check(m.moe_route_scale > 0, f"model.moe_route_scale must be > 0, got {m.moe_route_scale}")
+
+
+def _validate_expert_parallel(p: ParallelConfig, m: ModelConfig) -> None:
+    """Expert parallelism: degrees that can be checked before the world size is known."""
+    _check(p.ep >= 1, f"parallel.ep must be >= 1, got {p.ep}")
+    if p.ep == 1:
+        return
+    _check(
+        m.moe_experts > 0,
+        f"parallel.ep = {p.ep} needs a Mixture-of-Experts model: set model.moe_experts "
+        "(a multiple of ep) or parallel.ep = 1",
+    )
+    _check(
+        m.moe_experts % p.ep == 0,
+        f"parallel.ep ({p.ep}) must divide model.moe_experts ({m.moe_experts}); valid ep: "
+        f"{[e for e in range(1, m.moe_experts + 1) if m.moe_experts % e == 0]}",
+    )
+    _check(
+        p.engine == "native",
+        "parallel.ep > 1 needs parallel.engine = 'native' (DeepSpeed runs MoE layers "
+        "without expert parallelism)",
+    )
+    _check(
+        p.dp_shard == -1 or p.dp_shard % p.ep == 0,
+        f"parallel.ep ({p.ep}) must divide parallel.dp_shard ({p.dp_shard}): expert parallelism "
+        "borrows its ranks from the sharded data-parallel ones; valid ep: "
+        f"{[e for e in range(1, p.dp_shard + 1) if p.dp_shard % e == 0]}",
     )
 
 
@@ -194,6 +243,7 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
         "at most one of parallel.dp_replicate, dp_shard, tp, pp may be -1 (inferred)",
     )
     _validate_deepspeed(p)
+    _validate_expert_parallel(p, m)
     if p.tp > 1:
         for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
             value = getattr(m, key)

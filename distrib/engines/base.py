@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
 from distrib.models.loss import causal_lm_loss, compiled_causal_lm_loss
+from distrib.parallel.expert import ExpertBalance
 
 
 @dataclass
@@ -68,6 +69,11 @@ class Engine(Protocol):
     def checkpoint_state(self) -> dict[str, Any]:
         """The engine's part of a checkpoint, as `Stateful` objects (or one object that writes
         its own files, `distrib.checkpoint.state.OwnFormat`), keyed by name."""
+        ...
+
+    def expert_metrics(self) -> dict[str, Any]:
+        """Per-MoE-layer load imbalance and auxiliary losses since the last call (empty for a
+        dense model). A collective: every rank calls it at the same step."""
         ...
 
 
@@ -148,6 +154,7 @@ class StepEngine:
     An engine provides `_accumulate`, `_update` and `_loss_ranks`."""
 
     device: torch.device
+    experts: ExpertBalance | None = None  # set where the model has MoE layers
 
     def _accumulate(self, batches: list[Batch]) -> torch.Tensor:
         """Forward and backward every micro-batch; the sum of this rank's losses (zero where
@@ -174,6 +181,8 @@ class StepEngine:
         timer.mark()
         mean = mean_over_ranks(local, self._loss_ranks())
         grad_norm, applied = self._update(mean, accept)
+        if self.experts is not None:
+            self.experts.after_step(applied)
         timer.mark()
         return StepResult(
             loss=mean,
@@ -182,6 +191,10 @@ class StepEngine:
             skipped=not applied,
             local_loss=local,
         )
+
+    def expert_metrics(self) -> dict[str, Any]:
+        """See `Engine.expert_metrics`."""
+        return self.experts.metrics() if self.experts is not None else {}
 
 
 def mean_over_ranks(loss: torch.Tensor, num_ranks: int) -> torch.Tensor:

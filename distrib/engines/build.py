@@ -10,6 +10,7 @@ from distrib.engines.base import Engine
 from distrib.engines.native import NativeEngine
 from distrib.models.build import build_on_meta
 from distrib.parallel.dims import ParallelDims, dp_coordinate
+from distrib.parallel.expert import expert_balance
 from distrib.parallel.init import load_hf_weights, materialize
 from distrib.parallel.parallelize import parallelize, uses_fsdp
 from distrib.parallel.pipeline import build_pipeline
@@ -69,5 +70,6 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
         pp_group=mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None,
         num_loss_ranks=dims.dp * dims.tp,
     )
+    engine.experts = expert_balance(parts, cfg.model)
     dp_rank, dp_size = dp_coordinate(mesh) if mesh is not None else (0, 1)
     return engine, dp_rank, dp_size

@@ -17,6 +17,7 @@ from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
 from distrib.engines.base import Accept, StepEngine, mean_over_ranks, plain, training_loss
 from distrib.engines.optim import build_optimizer, build_scheduler
+from distrib.models.moe import set_aux_loss_scale
 from distrib.parallel.fsdp import set_gradient_sync
 
 
@@ -65,11 +66,13 @@ class NativeEngine(StepEngine):
         """Forward and backward of one micro-batch; its mean loss where this rank has it."""
         if self.pipeline is not None:
             p = self.pipeline
+            set_aux_loss_scale(self.parts, scale / p.n_microbatches)  # as the pipeline's loss
             inputs = batch.inputs.to(self.device, non_blocking=True) if p.has_first else None
             labels = batch.labels.to(self.device, non_blocking=True) if p.has_last else None
             with self._autocast():
                 loss = p.step(inputs, labels, loss_scale=scale)
             return loss
+        set_aux_loss_scale(self.parts, scale)
         with self.loss_context():
             # Every micro-batch holds the same number of tokens, so scaling each backward by
             # 1/n accumulates the gradient of the step's mean loss.
@@ -106,18 +109,21 @@ class NativeEngine(StepEngine):
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """The norm of all gradients of the whole model, wherever its pieces live, then clip."""
-        grads = [p.grad for p in self._params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if isinstance(norm, DTensor):  # sharded (FSDP/TP) gradients: finish the reduction
-            norm = norm.full_tensor()
+        groups = _by_mesh([p for p in self._params if p.grad is not None])
+        squared = torch.zeros((), device=self.device)
+        for params in groups:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            if isinstance(norm, DTensor):  # sharded (FSDP/TP/EP) gradients: finish the reduction
+                norm = norm.full_tensor()
+            squared = squared + norm.float() ** 2
         if self.pp_group is not None:  # each stage holds different parameters: add squares
-            squared = norm**2
             dist.all_reduce(squared, group=self.pp_group)
-            norm = squared.sqrt()
+        norm = squared.sqrt()
         if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(
-                self._params, self.cfg.max_grad_norm, norm, foreach=True
-            )
+            for params in groups:
+                torch.nn.utils.clip_grads_with_norm_(
+                    params, self.cfg.max_grad_norm, norm, foreach=True
+                )
         return norm.detach()
 
     @torch.no_grad()
@@ -151,3 +157,17 @@ class NativeEngine(StepEngine):
             "optimizer": OptimizerState(self.parts, self.optimizers),
             "scheduler": SchedulerState(self.schedulers),
         }
+
+
+def _by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Parameters grouped by the mesh their DTensor lives on (plain tensors together).
+
+    Gradient norms and clipping run per group: with expert parallelism the experts live on
+    another mesh than the dense weights, and one foreach kernel cannot mix DTensors of two
+    meshes.
+    """
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        key = p.device_mesh if isinstance(p, DTensor) else None
+        groups.setdefault(key, []).append(p)
+    return list(groups.values())

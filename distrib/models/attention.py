@@ -2,7 +2,9 @@
 
 All backends take `[B, H, L, K]` queries and `[B, Hkv, L, K]` keys/values (grouped-query attention:
 H is a multiple of Hkv), are always causal, and optionally mask attention across documents of a
-packed sequence (`doc_ids_BL`: a token attends only to earlier tokens with the same doc id).
+packed sequence (`doc_ids_BL`: a token attends only to earlier tokens with the same doc id) and
+beyond a sliding window (`window`: position i sees j with i - window < j; the masks are in
+`distrib.models.masks`).
 
 Shape legend: B batch, L sequence, H query heads, G kv heads (Hkv), K head dim, T total tokens
 (B * L, flattened for varlen flash), S number of documents (segments) + 1.
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.torch_version import TorchVersion
+
+from distrib.models.masks import causal_doc_mask, flash_window_size
 
 BACKENDS = ("auto", "flash", "sdpa", "cudnn", "eager")
 
@@ -170,12 +174,14 @@ def attention(
     v_BGLK: Tensor,
     backend: str,
     doc_ids_BL: Tensor | DocSegments | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Causal scaled dot-product attention; returns `[B, H, L, K]` in the dtype of q.
 
     `backend` is one of BACKENDS ("auto" resolves by q's device, dtype and head dim, cached).
     With `doc_ids_BL` (non-decreasing along L within a row; or `DocSegments` holding them),
-    attention across documents is masked out.
+    attention across documents is masked out; with `window > 0`, so is attention to positions
+    `window` or more before the query.
     """
     cu_seqlens_S = None
     if isinstance(doc_ids_BL, DocSegments):
@@ -188,13 +194,14 @@ def attention(
             f"doc_ids_BL shape {tuple(doc_ids_BL.shape)} must be [B, L] = "
             f"{(q_BHLK.shape[0], q_BHLK.shape[2])}"
         )
-    masked = doc_ids_BL is not None
+    # A window needs an explicit mask on SDPA, which rules out its flash kernel like doc ids do.
+    masked = doc_ids_BL is not None or window > 0
     plan = _plan(backend, q_BHLK.device.type, q_BHLK.dtype, q_BHLK.shape[-1], masked, H != G)
     if plan.name == "eager":
-        return eager_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL)
+        return eager_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, window)
     if plan.name == "sdpa":
-        return sdpa_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, plan.kernels)
-    return flash_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, cu_seqlens_S)
+        return sdpa_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, plan.kernels, window)
+    return flash_attention(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, cu_seqlens_S, window)
 
 
 def sdpa_kernels(
@@ -310,22 +317,17 @@ def describe_plan(
     return f"{line}; kv heads broadcast by enable_gqa" if gqa else line
 
 
-def causal_doc_mask(L: int, doc_ids_BL: Tensor | None, device: torch.device) -> Tensor:
-    """Boolean "may attend" mask: `[L, L]` causal, or `[B, 1, L, L]` causal AND same document."""
-    causal_LL = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-    if doc_ids_BL is None:
-        return causal_LL
-    same_doc_BLL = doc_ids_BL[:, :, None] == doc_ids_BL[:, None, :]
-    return (same_doc_BLL & causal_LL)[:, None]
-
-
 def _repeat_kv(x_BGLK: Tensor, n_rep: int) -> Tensor:
     # Each kv head serves n_rep consecutive query heads (the HF / Megatron GQA grouping).
     return x_BGLK if n_rep == 1 else x_BGLK.repeat_interleave(n_rep, dim=1)
 
 
 def eager_attention(
-    q_BHLK: Tensor, k_BGLK: Tensor, v_BGLK: Tensor, doc_ids_BL: Tensor | None = None
+    q_BHLK: Tensor,
+    k_BGLK: Tensor,
+    v_BGLK: Tensor,
+    doc_ids_BL: Tensor | None = None,
+    window: int = 0,
 ) -> Tensor:
     """Reference attention: explicit mask, float32 scores and softmax. Slow; for tests and debug."""
     n_rep = q_BHLK.shape[1] // k_BGLK.shape[1]
@@ -333,7 +335,7 @@ def eager_attention(
     v_BHLK = _repeat_kv(v_BGLK, n_rep).float()
     scale = 1.0 / math.sqrt(q_BHLK.shape[-1])
     scores_BHLL = (q_BHLK.float() @ k_BHLK.transpose(-2, -1)) * scale
-    allowed = causal_doc_mask(q_BHLK.shape[2], doc_ids_BL, q_BHLK.device)
+    allowed = causal_doc_mask(q_BHLK.shape[2], doc_ids_BL, q_BHLK.device, window)
     # Never a fully masked row: the diagonal is always allowed, so softmax stays finite.
     scores_BHLL = scores_BHLL.masked_fill(~allowed, float("-inf"))
     probs_BHLL = torch.softmax(scores_BHLL, dim=-1)
@@ -346,8 +348,10 @@ def sdpa_attention(
     v_BGLK: Tensor,
     doc_ids_BL: Tensor | None = None,
     kernels: Sequence[SDPBackend] = (),
+    window: int = 0,
 ) -> Tensor:
-    """PyTorch's fused attention; `is_causal` without doc ids, else a boolean `[B, 1, L, L]` mask.
+    """PyTorch's fused attention; `is_causal` without doc ids or window, else a boolean mask
+    (`[L, L]`, or `[B, 1, L, L]` with doc ids; see `causal_doc_mask`).
 
     `kernels` (see `sdpa_kernels`) pins SDPA to those kernels, the first preferred where this
     torch supports priorities; empty leaves the choice to PyTorch. Grouped kv heads go in with
@@ -360,11 +364,12 @@ def sdpa_attention(
             k_BGLK, v_BGLK = _repeat_kv(k_BGLK, n_rep), _repeat_kv(v_BGLK, n_rep)
         else:
             kwargs["enable_gqa"] = True
-    if doc_ids_BL is None:
+    if doc_ids_BL is None and window <= 0:
         # is_causal lets SDPA pick flash / memory-efficient kernels without materializing a mask.
         kwargs["is_causal"] = True
     else:
-        kwargs["attn_mask"] = causal_doc_mask(q_BHLK.shape[2], doc_ids_BL, q_BHLK.device)
+        L = q_BHLK.shape[2]
+        kwargs["attn_mask"] = causal_doc_mask(L, doc_ids_BL, q_BHLK.device, window)
     if not kernels:
         return F.scaled_dot_product_attention(q_BHLK, k_BGLK, v_BGLK, **kwargs)
     if _SDPA_KERNEL_HAS_PRIORITY:
@@ -413,9 +418,11 @@ def flash_attention(
     v_BGLK: Tensor,
     doc_ids_BL: Tensor | None = None,
     cu_seqlens_S: Tensor | None = None,
+    window: int = 0,
 ) -> Tensor:
     """flash_attn kernels (CUDA, fp16/bf16); varlen over documents when doc ids are given,
-    with their `cu_seqlens_S` if already computed (see `document_segments`)."""
+    with their `cu_seqlens_S` if already computed (see `document_segments`); a sliding
+    `window` goes in as flash_attn's own `window_size` (see `flash_window_size`)."""
     if q_BHLK.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"flash attention needs float16 or bfloat16 inputs, got {q_BHLK.dtype}; "
@@ -427,8 +434,10 @@ def flash_attention(
     k_BLGK = k_BGLK.transpose(1, 2).contiguous()
     v_BLGK = v_BGLK.transpose(1, 2).contiguous()
     B, L, H, K = q_BLHK.shape
+    # Passed only with a window, so flash_attn builds older than window_size (< 2.3) still run.
+    extra: dict[str, Any] = {"window_size": flash_window_size(window)} if window > 0 else {}
     if doc_ids_BL is None:
-        out_BLHK = fa.flash_attn_func(q_BLHK, k_BLGK, v_BLGK, causal=True)
+        out_BLHK = fa.flash_attn_func(q_BLHK, k_BLGK, v_BLGK, causal=True, **extra)
     else:
         if cu_seqlens_S is None:
             cu_seqlens_S = cu_seqlens(doc_ids_BL)
@@ -445,6 +454,7 @@ def flash_attention(
             max_seqlen_q=L,
             max_seqlen_k=L,
             causal=True,
+            **extra,
         )
         out_BLHK = out_THK.reshape(B, L, H, K)
     return out_BLHK.transpose(1, 2)

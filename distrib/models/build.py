@@ -30,9 +30,9 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transforme
 
 
 def build_empty(cfg: ModelConfig, device: torch.device) -> Transformer:
-    """The whole model on `device` with uninitialized weights and valid RoPE tables, for
+    """The whole model on `device` with uninitialized weights and valid buffers (RoPE tables, zero MoE bias), for
     weights that come from a checkpoint."""
     model = build_on_meta(cfg)
     model.to_empty(device=device)
-    model.init_rope()
+    model.init_buffers()
     return model

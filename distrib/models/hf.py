@@ -1,167 +1,88 @@
-"""Hugging Face Llama <-> distrib: configs, parameter names, and reading a local HF folder.
+"""Hugging Face <-> distrib: reading a local HF folder, matching its config, the init_from keys.
 
-Our Llama is `transformers.LlamaForCausalLM` under other parameter names (see transformer.py): the RoPE
+Every supported architecture (see `distrib.models.hf_families`, which also holds the config and
+name conversions, re-exported here) is our transformer under other parameter names: the RoPE
 layout is the same (rotate_half), so q/k projections need no permutation and every tensor maps
-1:1 by name. The RoPE tables are derived from the config, never loaded.
+by name, the experts of an MoE layer stacked from their per-expert tensors. The RoPE tables are
+derived from the config, never loaded.
 
 Like the rest of `distrib/models/`, nothing here imports torch.distributed: placing the full
-tensors read here into sharded parameters (FSDP, TP, pipeline stages) is done by
+tensors read here into sharded parameters (FSDP, TP, EP, pipeline stages) is done by
 `distrib.parallel.init.load_hf_weights`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from distrib.config import ModelConfig
-from distrib.errors import CheckpointError
+from distrib.config.families import FAMILIES, resolved_head_dim, resolved_moe_ffn_dim
+from distrib.errors import CheckpointError, ConfigError
 from distrib.models.build import build_on_meta
+from distrib.models.hf_families import (
+    TOP_NAMES,
+    hf_config,
+    hf_tensor_names,
+    model_config_from_hf,
+    to_hf_name,
+    to_hf_state_dict,
+)
 
-if TYPE_CHECKING:  # imported where used: transformers is slow to import
-    import transformers
+__all__ = [
+    "hf_config",
+    "hf_tensor_names",
+    "model_config_from_hf",
+    "to_hf_name",
+    "to_hf_state_dict",
+]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# distrib name -> HF name; inside blocks, "layers.i.<ours>.weight" <-> "model.layers.i.<HF>.weight".
-_TOP = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-# ModelConfig field -> LlamaConfig attribute, for the fields a checkpoint must agree on.
-# max_seq_len is left out on purpose: with default RoPE it only sizes the position tables, so a
-# model published for 131072 positions fine-tunes at 2048 with identical weights and logits.
-_MATCHED_FIELDS = {
+# ModelConfig field -> HF config field, for the fields a checkpoint must agree on (its config
+# sets them). max_seq_len is left out on purpose: it only sizes the RoPE tables (llama3 scaling
+# depends on rope_original_max_seq_len, not on it), so a model published for 131072 positions
+# fine-tunes at 2048 with identical weights and logits. head_dim and moe_ffn_dim compare as
+# resolved (0 means the default width); the moe_* ones only when the model has experts.
+MATCHED_FIELDS = {
+    "family": "architectures",
     "dim": "hidden_size",
     "n_layers": "num_hidden_layers",
     "n_heads": "num_attention_heads",
     "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
     "ffn_dim": "intermediate_size",
     "vocab_size": "vocab_size",
     "rope_theta": "rope_theta",
     "norm_eps": "rms_norm_eps",
     "tie_embeddings": "tie_word_embeddings",
+    "qkv_bias": "(q/k/v biases)",
+    "qk_norm": "(q/k norms)",
+    "sliding_window": "sliding_window",
+    "rope_scaling": "rope_scaling.rope_type",
+    "rope_factor": "rope_scaling.factor",
+    "rope_low_freq_factor": "rope_scaling.low_freq_factor",
+    "rope_high_freq_factor": "rope_scaling.high_freq_factor",
+    "rope_original_max_seq_len": "rope_scaling.original_max_position_embeddings",
+    "moe_experts": "num_experts (Mixtral: num_local_experts)",
+    "moe_top_k": "num_experts_per_tok",
+    "moe_ffn_dim": "moe_intermediate_size",
+    "moe_dense_layers": "len(mlp_only_layers)",
+    "moe_norm_topk": "norm_topk_prob",
+    "moe_shared_experts": "(shared experts)",
+    "moe_score": "(router scores)",
+    "moe_route_scale": "(routing scale)",
 }
-
-
-def to_hf_name(name: str) -> str:
-    """The LlamaForCausalLM name of our parameter `name` (e.g. layers.0.attention.wq.weight)."""
-    if name in _TOP:
-        return _TOP[name]
-    head, _, rest = name.partition(".")
-    index, _, rest = rest.partition(".")
-    module, _, leaf = rest.rpartition(".")
-    if head != "layers" or module not in _BLOCK:
-        raise KeyError(f"no Hugging Face name for parameter '{name}'")
-    return f"model.layers.{index}.{_BLOCK[module]}.{leaf}"
-
-
-def to_hf_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Our (full, unsharded) state dict under LlamaForCausalLM names."""
-    return {to_hf_name(name): tensor for name, tensor in state.items()}
-
-
-def hf_config(cfg: ModelConfig, **overrides: Any) -> transformers.LlamaConfig:
-    """The `transformers.LlamaConfig` of our model shape; `overrides` are further LlamaConfig
-    arguments (token ids, `attn_implementation`, ...)."""
-    import transformers
-
-    kwargs: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.dim // cfg.n_heads,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-    }
-    return transformers.LlamaConfig(**{**kwargs, **overrides})
-
-
-def _refuse(field: str, value: Any, supported: str) -> CheckpointError:
-    return CheckpointError(
-        f"unsupported Hugging Face architecture: {field} = {value!r} (distrib supports {supported})"
-    )
-
-
-def _rope(hf: Any) -> tuple[str, float]:
-    """(rope type, theta) from transformers >= 5 (`rope_parameters`) or 4.x (`rope_theta`,
-    `rope_scaling`) configs."""
-    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", getattr(hf, "rope_theta", None))
-    return rope_type, float(theta if theta is not None else 10000.0)
-
-
-def model_config_from_hf(hf: Mapping[str, Any] | transformers.PretrainedConfig) -> ModelConfig:
-    """Our ModelConfig for an HF Llama config (a config.json dict or a `PretrainedConfig`).
-
-    Anything our Llama cannot reproduce exactly is refused with a CheckpointError naming the
-    field: another model type, biases, a head dim other than dim / n_heads, RoPE scaling,
-    another activation.
-    """
-    import transformers
-
-    raw = dict(hf) if isinstance(hf, Mapping) else hf.to_dict()
-    if raw.get("model_type") != "llama":
-        raise _refuse("model_type", raw.get("model_type"), "'llama'")
-    architectures = raw.get("architectures") or ["LlamaForCausalLM"]
-    if architectures != ["LlamaForCausalLM"]:
-        raise _refuse("architectures", architectures, "['LlamaForCausalLM']")
-    # from_dict fills the defaults a config.json written by save_pretrained leaves out.
-    try:
-        c = transformers.LlamaConfig.from_dict(raw)
-    except (ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"not a valid LlamaConfig: {err}") from None
-    for field, supported in (("attention_bias", False), ("mlp_bias", False)):
-        if getattr(c, field, False) != supported:
-            raise _refuse(field, getattr(c, field), repr(supported))
-    if c.hidden_act != "silu":
-        raise _refuse("hidden_act", c.hidden_act, "'silu' (SwiGLU)")
-    head_dim = c.hidden_size // c.num_attention_heads
-    if getattr(c, "head_dim", None) not in (None, head_dim):
-        raise _refuse("head_dim", c.head_dim, f"hidden_size / num_attention_heads = {head_dim}")
-    rope_type, rope_theta = _rope(c)
-    if rope_type != "default":
-        raise _refuse("rope_scaling.rope_type", rope_type, "'default' (no RoPE scaling)")
-    return ModelConfig(
-        dim=c.hidden_size,
-        n_layers=c.num_hidden_layers,
-        n_heads=c.num_attention_heads,
-        n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
-        ffn_dim=c.intermediate_size,
-        vocab_size=c.vocab_size,
-        max_seq_len=c.max_position_embeddings,
-        rope_theta=rope_theta,
-        norm_eps=c.rms_norm_eps,
-        tie_embeddings=bool(c.tie_word_embeddings),
-    )
+_ROPE_SCALING_FIELDS = {f for f in MATCHED_FIELDS if f.startswith("rope_") and f != "rope_theta"}
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -179,16 +100,79 @@ def read_hf_config(folder: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {err}") from None
 
 
+def _compared(cfg: ModelConfig, field: str) -> Any:
+    """The value of `field` as a checkpoint is compared on: head_dim and moe_ffn_dim resolved."""
+    if field == "head_dim":
+        return resolved_head_dim(cfg)
+    if field == "moe_ffn_dim":
+        return resolved_moe_ffn_dim(cfg)
+    return getattr(cfg, field)
+
+
+def matched_fields(cfg: ModelConfig, theirs: ModelConfig) -> list[str]:
+    """The fields a folder's config decides for `cfg`: the MoE ones only when either model has
+    experts, the llama3 RoPE factors only when either scales RoPE."""
+    moe = cfg.moe_experts > 0 or theirs.moe_experts > 0
+    scaled = "llama3" in (cfg.rope_scaling, theirs.rope_scaling)
+    return [
+        f
+        for f in MATCHED_FIELDS
+        if (moe or not f.startswith("moe_"))
+        and (scaled or f == "rope_scaling" or f not in _ROPE_SCALING_FIELDS)
+    ]
+
+
+def _hf_value(theirs: ModelConfig, field: str) -> str:
+    """How the folder's config.json says `field`, e.g. "num_key_value_heads = 2"."""
+    if field == "family":
+        architecture = FAMILIES[theirs.family].architecture
+        return f"architectures = ['{architecture}'] (model.family = '{theirs.family}')"
+    return f"{MATCHED_FIELDS[field]} = {_compared(theirs, field)!r}"
+
+
+def _flag(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def check_config_matches(cfg: ModelConfig, theirs: ModelConfig, source: Path) -> None:
-    """Refuse a checkpoint whose shape differs from `cfg`, naming the key and both values."""
-    for field, hf_field in _MATCHED_FIELDS.items():
-        ours, their = getattr(cfg, field), getattr(theirs, field)
+    """Refuse a checkpoint whose architecture or shape differs from `cfg`, naming the key and
+    both values (the family first: it explains most other differences)."""
+    for field in matched_fields(cfg, theirs):
+        ours, their = _compared(cfg, field), _compared(theirs, field)
         if ours != their:
             raise CheckpointError(
-                f"model.{field} = {ours!r} but {source} has {hf_field} = {their!r}: "
-                f"set --model.{field}={str(their).lower() if isinstance(their, bool) else their} "
-                "to load it"
+                f"model.{field} = {ours!r} but {source} has {_hf_value(theirs, field)}: "
+                f"set --model.{field}={_flag(getattr(theirs, field))} to load it"
             )
+
+
+def init_from_model_config(cfg: ModelConfig, explicit: set[str] | frozenset[str]) -> ModelConfig:
+    """`cfg` with the model keys its `init_from` folder decides taken from the folder's
+    config.json (its family, shape, attention and MoE options, RoPE).
+
+    A key in `explicit` (bare field names, e.g. {"dim"}: those the user set in the TOML file or
+    on the command line) that contradicts the folder is refused with a ConfigError naming both
+    values; other keys take the folder's value. Keys the folder does not decide (max_seq_len,
+    the attention kernel, the MoE training options) stay as they are.
+    """
+    if not cfg.init_from.startswith("hf:"):
+        return cfg
+    path = Path(cfg.init_from.removeprefix("hf:")).expanduser()
+    try:
+        theirs = read_hf_config(path)
+    except CheckpointError as err:
+        raise ConfigError(f"model.init_from = '{cfg.init_from}': {err}") from None
+    values = {}
+    for field in matched_fields(cfg, theirs):
+        ours, their = _compared(cfg, field), _compared(theirs, field)
+        if field in explicit and ours != their:
+            raise ConfigError(
+                f"model.{field} = {ours!r} contradicts model.init_from: {path / CONFIG_FILE} has "
+                f"{_hf_value(theirs, field)}; drop model.{field} or set it to "
+                f"{_flag(getattr(theirs, field))}"
+            )
+        values[field] = getattr(theirs, field)
+    return dataclasses.replace(cfg, **values)
 
 
 class SafetensorsFolder:
@@ -240,14 +224,30 @@ class SafetensorsFolder:
 def _ignored(hf_name: str, cfg: ModelConfig) -> bool:
     # Old transformers versions saved the RoPE frequencies; a tied model's head is the embedding.
     return hf_name.endswith("rotary_emb.inv_freq") or (
-        cfg.tie_embeddings and hf_name == _TOP["output.weight"]
+        cfg.tie_embeddings and hf_name == TOP_NAMES["output.weight"]
     )
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF name -> full shape of every parameter our whole model has (a tied head once)."""
+    """HF name -> full shape of every tensor our whole model reads (a tied head once; stacked
+    experts as their per-expert tensors)."""
     model = build_on_meta(cfg)
-    return {to_hf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, param in model.named_parameters():
+        hf_names = hf_tensor_names(name, cfg)
+        stacked = name.endswith(("experts.w1", "experts.w2", "experts.w3"))
+        shape = tuple(param.shape[1:] if stacked else param.shape)
+        shapes.update(dict.fromkeys(hf_names, shape))
+    return shapes
+
+
+def read_tensor(weights: SafetensorsFolder, name: str, cfg: ModelConfig) -> Tensor:
+    """The full tensor of our parameter `name` from an HF folder: one tensor, or the experts'
+    per-expert tensors stacked on a new leading dim (read one by one from the mmap'd files)."""
+    hf_names = hf_tensor_names(name, cfg)
+    if not name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+        return weights.get(hf_names[0])
+    return torch.stack([weights.get(n) for n in hf_names])
 
 
 def check_tensors(weights: SafetensorsFolder, cfg: ModelConfig) -> None:
@@ -265,7 +265,7 @@ def check_tensors(weights: SafetensorsFolder, cfg: ModelConfig) -> None:
     if extra:
         raise CheckpointError(
             f"{weights.folder}: unexpected tensor {extra[0]} ({len(extra)} in all): not part "
-            "of a Llama with this config"
+            f"of a {cfg.family} model with this config"
         )
 
 

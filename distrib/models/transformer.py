@@ -1,4 +1,7 @@
-"""Llama: pre-norm RMSNorm, RoPE (Hugging Face rotate_half layout), GQA, SwiGLU, no biases.
+"""The decoder of every family: pre-norm RMSNorm, RoPE (Hugging Face rotate_half layout), GQA,
+and a SwiGLU or Mixture-of-Experts feed-forward; the family differences are ModelConfig keys
+(q/k/v bias, q/k RMS norm, head dim, sliding window, RoPE scaling, tied head, MoE options; see
+docs/models.md), not subclasses.
 
 Plain nn.Module code that knows nothing of parallelism: tensor-parallel plans, FSDP, activation
 checkpointing and pipeline cuts are applied from outside. To make that easy, blocks live in an
@@ -6,9 +9,10 @@ nn.ModuleDict keyed "0".."n-1" (names survive pipeline cuts), the embedding, fin
 head may be set to None on a pipeline stage, and the model is built on the meta device and then
 materialized with `to_empty(device=...)` and `init_weights()`.
 
-Parameter names map 1:1 onto Hugging Face LlamaForCausalLM:
+Parameter names follow Hugging Face's Llama layout (distrib.models.hf_families maps each family):
   tok_embeddings <-> model.embed_tokens, layers.i.attention.wq/wk/wv/wo <-> self_attn.q/k/v/o_proj,
-  feed_forward.w1/w2/w3 <-> mlp.gate/down/up_proj, attention_norm <-> input_layernorm,
+  attention.q_norm/k_norm <-> self_attn.q_norm/k_norm, feed_forward.w1/w2/w3 <->
+  mlp.gate/down/up_proj (an MoE layer: distrib.models.moe), attention_norm <-> input_layernorm,
   ffn_norm <-> post_attention_layernorm, norm <-> model.norm, output <-> lm_head.
 
 Shape legend: B batch, L sequence, D model dim, H query heads, G kv heads, K head dim,
@@ -25,36 +29,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distrib.config import ModelConfig
+from distrib.config.families import resolved_head_dim
 from distrib.models.attention import attention, document_segments
 from distrib.models.loss import causal_lm_loss, chunked_causal_lm_loss
+from distrib.models.moe import MoE
+from distrib.models.rope import apply_rope, model_rope_cache
+from distrib.models.rope import rope_cache as rope_cache  # re-exported: callers import it here
 
-
-def rope_cache(
-    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
-) -> tuple[Tensor, Tensor]:
-    """RoPE tables `(cos_PK, sin_PK)` in float32, in the rotate_half layout.
-
-    Frequency j rotates the pair (j, j + K/2), so both halves of the head dim share one table
-    half; this is Hugging Face's layout, which lets its q/k weights load without permutation.
-    """
-    inv_freq_J = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    )
-    pos_P = torch.arange(max_seq_len, dtype=torch.float32, device=device)
-    angles_PJ = pos_P[:, None] * inv_freq_J[None, :]
-    angles_PK = torch.cat([angles_PJ, angles_PJ], dim=-1)
-    return angles_PK.cos(), angles_PK.sin()
-
-
-def _rotate_half(x_BHLK: Tensor) -> Tensor:
-    x1, x2 = x_BHLK.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x_BHLK: Tensor, cos_LK: Tensor, sin_LK: Tensor) -> Tensor:
-    """Rotate queries or keys by their absolute positions (tables already sliced to L)."""
-    cos_LK, sin_LK = cos_LK.to(x_BHLK.dtype), sin_LK.to(x_BHLK.dtype)
-    return x_BHLK * cos_LK + _rotate_half(x_BHLK) * sin_LK
+# Projections that write into the residual stream: initialized smaller, by 1/sqrt(2 n_layers).
+_RESIDUAL_WRITERS = (
+    "attention.wo.weight",
+    "feed_forward.w2.weight",
+    "feed_forward.experts.w2",
+    "feed_forward.shared.w2.weight",
+)
 
 
 class RMSNorm(nn.Module):
@@ -80,16 +68,26 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE; the kernel is chosen by `backend`."""
+    """Grouped-query self-attention with RoPE; the kernel is chosen by `backend`.
+
+    The family options live here: biases on the q/k/v projections (`qkv_bias`; wo never has
+    one), an RMSNorm over each query and key head applied before RoPE (`qk_norm`, Qwen3's
+    order), a head dim of its own (`head_dim`, so H * K may differ from D) and a sliding window
+    (`sliding_window`: position i sees j with i - window < j <= i).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = resolved_head_dim(cfg)
         self.backend = cfg.attention
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.window = cfg.sliding_window
+        hk = self.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hk, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hk, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hk, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * hk, cfg.dim, bias=False)
+        self.q_norm: RMSNorm | None = RMSNorm(hk, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm: RMSNorm | None = RMSNorm(hk, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self, x_BLD: Tensor, cos_PK: Tensor, sin_PK: Tensor, doc_ids_BL: Tensor | None = None
@@ -102,12 +100,16 @@ class Attention(nn.Module):
         cos_LK, sin_LK = cos_PK[:L], sin_PK[:L]
         # -1 rather than n_heads: under tensor parallelism each rank holds only its share of the
         # heads, and the module must not need to know how many that is.
-        q_BHLK = self.wq(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
-        k_BGLK = self.wk(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
+        q_BLHK = self.wq(x_BLD).view(B, L, -1, self.head_dim)
+        k_BLGK = self.wk(x_BLD).view(B, L, -1, self.head_dim)
         v_BGLK = self.wv(x_BLD).view(B, L, -1, self.head_dim).transpose(1, 2)
-        q_BHLK = apply_rope(q_BHLK, cos_LK, sin_LK)
-        k_BGLK = apply_rope(k_BGLK, cos_LK, sin_LK)
-        out_BHLK = attention(q_BHLK, k_BGLK, v_BGLK, self.backend, doc_ids_BL)
+        if self.q_norm is not None and self.k_norm is not None:
+            # On [B, L, heads, K], before the transpose: the heads dim (2) is the one tensor
+            # parallelism shards, and the norm's parallel style expects it there.
+            q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
+        q_BHLK = apply_rope(q_BLHK.transpose(1, 2), cos_LK, sin_LK)
+        k_BGLK = apply_rope(k_BLGK.transpose(1, 2), cos_LK, sin_LK)
+        out_BHLK = attention(q_BHLK, k_BGLK, v_BGLK, self.backend, doc_ids_BL, self.window)
         return self.wo(out_BHLK.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -126,15 +128,22 @@ class FeedForward(nn.Module):
         return self.w2(h_BLF)
 
 
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+    """Whether block `layer` has the routed feed-forward (the first moe_dense_layers stay dense)."""
+    return cfg.moe_experts > 0 and layer >= cfg.moe_dense_layers
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.feed_forward: FeedForward | MoE = (
+            MoE(cfg) if is_moe_layer(cfg, layer) else FeedForward(cfg.dim, cfg.ffn_dim)
+        )
 
     def forward(
         self, x_BLD: Tensor, cos_PK: Tensor, sin_PK: Tensor, doc_ids_BL: Tensor | None = None
@@ -151,14 +160,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: derived from the config, so they stay out of checkpoints and HF exports;
         # to_empty leaves them as garbage, which is why init_weights recomputes them.
-        cos_PK, sin_PK = rope_cache(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos_PK, sin_PK = model_rope_cache(cfg)
         self.register_buffer("rope_cos", cos_PK, persistent=False)
         self.register_buffer("rope_sin", sin_PK, persistent=False)
 
@@ -180,18 +189,24 @@ class Transformer(nn.Module):
         """
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), device="cpu"))
-        self.init_rope()
+        self.init_buffers()
         self._retie()
         with torch.no_grad():
             for name, param in self.named_parameters():  # a tied weight comes once
                 param.copy_(self.initial_value(name, param.shape, param.device, seed))
 
+    def init_buffers(self) -> None:
+        """Recompute the RoPE tables and zero the MoE layers' routing bias and statistics (all
+        garbage after `to_empty`); a checkpoint load then restores the saved bias."""
+        self.init_rope()
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.reset_buffers()
+
     def init_rope(self) -> None:
         """Recompute the RoPE tables (non-persistent buffers, garbage after `to_empty`)."""
         cfg = self.cfg
-        self.rope_cos, self.rope_sin = rope_cache(
-            cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device
-        )
+        self.rope_cos, self.rope_sin = model_rope_cache(cfg, device=self.rope_cos.device)
 
     def initial_value(
         self, name: str, shape: torch.Size, device: torch.device, seed: int
@@ -204,8 +219,10 @@ class Transformer(nn.Module):
         """
         if name.endswith("norm.weight"):
             return torch.ones(shape, device=device)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, device=device)
         std = self.cfg.init_std
-        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        if name.endswith(_RESIDUAL_WRITERS):
             std /= math.sqrt(2 * self.cfg.n_layers)
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         generator = torch.Generator(device=device).manual_seed(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from distrib.models.moe import moe_layers
+
 
 def apply_compile(model: nn.Module, *, backend: str = "inductor") -> None:
     """torch.compile each block of `model.layers` separately, in place.
@@ -14,6 +16,16 @@ def apply_compile(model: nn.Module, *, backend: str = "inductor") -> None:
     FSDP/DDP. `Module.compile` compiles in place, so the block keeps its key and its parameter
     names (no `_orig_mod.` segment). Not fullgraph: a host sync (flash varlen's max length)
     becomes a graph break rather than an error.
+
+    A block with a Mixture-of-Experts layer compiles its attention and norms and leaves the MoE
+    layer eager: its dispatch sizes are data (host reads of the per-expert counts), and under
+    expert parallelism its all-to-all hooks and sharded expert weights do not trace.
     """
     for block in model.layers.values():
-        block.compile(backend=backend)
+        moe = moe_layers(block)
+        if not moe:
+            block.compile(backend=backend)
+            continue
+        for name, module in block.named_modules():
+            if name.endswith(("attention", "attention_norm", "ffn_norm")):
+                module.compile(backend=backend)

@@ -4,6 +4,10 @@ The mesh always has the four named axes ("pp", "dp_replicate", "dp_shard", "tp")
 kind of parallelism is off, plus the flattened "dp" axis (replicate x shard) that the loader and
 the loss average use. Rank order puts tp innermost so tensor-parallel peers are neighbours (the
 same node, on a cluster).
+
+With expert parallelism (ep > 1) the shard axis is built as two, ("efsdp", "ep"), and "dp_shard"
+is their flattening: experts are split over "ep" and FSDP-sharded over "efsdp", the dense
+weights FSDP-sharded over all of "dp_shard" as without experts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from distrib.config.rules import grad_accum_steps, pipeline_microbatches
 from distrib.errors import ConfigError
 
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+EP_AXES = ("pp", "dp_replicate", "efsdp", "ep", "tp")
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class ParallelDims:
     dp_shard: int
     tp: int
     pp: int
+    ep: int = 1
 
     @classmethod
     def from_config(cls, p: ParallelConfig, world_size: int) -> ParallelDims:
@@ -44,7 +50,7 @@ class ParallelDims:
                         f"{known}, which does not divide the world size {world_size}"
                     )
                 degrees[key] = world_size // known
-        dims = cls(**degrees)
+        dims = cls(**degrees, ep=p.ep)
         if dims.world_size != world_size:
             n = dims.world_size
             raise ConfigError(
@@ -53,6 +59,12 @@ class ParallelDims:
                 f"but the launch has {world_size} process(es): launch {n} (e.g. torchrun "
                 f"--nproc_per_node={n}), or change the degrees to multiply to {world_size} (one "
                 "of them may be -1, inferred from the world size)"
+            )
+        if dims.dp_shard % dims.ep:
+            raise ConfigError(
+                f"parallel.ep ({dims.ep}) must divide parallel.dp_shard ({dims.dp_shard}): expert "
+                "parallelism borrows its ranks from the sharded data-parallel ones; valid ep: "
+                f"{[e for e in range(1, dims.dp_shard + 1) if dims.dp_shard % e == 0]}"
             )
         return dims
 
@@ -74,7 +86,14 @@ class ParallelDims:
         return accum
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The named 4-D mesh over all ranks, with the flattened "dp" axis registered."""
+        """The named 4-D mesh over all ranks (5-D with ep > 1), with the flattened "dp" axis
+        (and with ep > 1 "dp_shard") registered."""
+        if self.ep > 1:
+            shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
+            mesh = init_device_mesh(device_type, shape, mesh_dim_names=EP_AXES)
+            mesh["efsdp", "ep"]._flatten("dp_shard")  # noqa: SLF001
+            mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")  # noqa: SLF001
+            return mesh
         mesh = init_device_mesh(
             device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES
         )

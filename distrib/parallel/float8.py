@@ -22,8 +22,12 @@ _MIN_CAPABILITY = (8, 9)  # Ada (L4, RTX 4090) and Hopper (H100) have float8 ten
 def float8_filter(module: nn.Module, fqn: str) -> bool:
     """Whether the linear `module` at `fqn` (its name in the model) trains in float8: the blocks'
     linears whose in and out features are multiples of 16; never the output head, whose
-    logits feed the loss and which is most sensitive to the rounding."""
+    logits feed the loss and which is most sensitive to the rounding, nor an MoE router, whose
+    small logits decide which experts run. (Routed experts are stacked weights, not linears:
+    they stay in the compute dtype.)"""
     if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
+        return False
+    if fqn.endswith(".router"):
         return False
     return (
         module.in_features % _FLOAT8_ALIGNMENT == 0 and module.out_features % _FLOAT8_ALIGNMENT == 0

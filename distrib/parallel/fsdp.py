@@ -12,6 +12,8 @@ from torch.distributed._composable.replicate import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from distrib.models.moe import moe_layers
+
 
 def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
     """bfloat16 parameters in compute with float32 gradient reduction, or plain float32."""
@@ -20,19 +22,38 @@ def mixed_precision(dtype: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, dtype: str) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    dtype: str,
+    expert_mesh: DeviceMesh | None = None,
+    expert_grad_divisor: int = 1,
+) -> None:
     """Shard each transformer block, then the root (embedding, final norm, output head).
 
     A 2-D `dp_mesh` (dp_replicate, dp_shard) gives HSDP. Blocks are their own units so only one
     block's full parameters exist at a time; the last block is not resharded after forward
     because backward needs it at once.
+
+    With expert parallelism the experts of each MoE layer are their own unit on `expert_mesh`
+    (the data-parallel ranks that hold the same experts). Their gradients already sum the
+    tokens of the whole ep group (the all-to-all brings them), so they are divided by the full
+    data-parallel degree `expert_grad_divisor`, not only by the size of `expert_mesh`, to be the
+    gradient of the mean loss like every other weight's.
     """
     policy = mixed_precision(dtype)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
-        fully_shard(
-            block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1
-        )
+        reshard = i < len(blocks) - 1
+        if expert_mesh is not None:
+            for layer in moe_layers(block).values():
+                fully_shard(
+                    layer.experts, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=reshard
+                )
+                # FSDP averages over expert_mesh; the rest of the division happens in the
+                # experts' backward (FSDP's own divide factor needs PREMUL_SUM, which gloo lacks).
+                layer.experts.grad_scale = expert_mesh.size() / expert_grad_divisor
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 

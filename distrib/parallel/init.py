@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distrib.config import ModelConfig
 from distrib.errors import CheckpointError
-from distrib.models.hf import open_hf_folder, to_hf_name
+from distrib.models.hf import open_hf_folder, read_tensor
 from distrib.models.transformer import Transformer
 
 # Wrappers that insert a path segment into parameter names (activation checkpointing,
@@ -34,7 +34,7 @@ def clean_name(name: str) -> str:
 def materialize(model: Transformer, device: torch.device, seed: int) -> None:
     """`to_empty(device)`, then fill each parameter (plain or DTensor) from `initial_value`."""
     model.to_empty(device=device)
-    model.init_rope()
+    model.init_buffers()
     model._retie()  # noqa: SLF001 - to_empty breaks tying in single-module layouts
     for name, param in model.named_parameters():
         full = model.initial_value(clean_name(name), param.shape, device, seed)
@@ -80,13 +80,15 @@ def load_full_tensors(parts: list[nn.Module], tensor_of: Callable[[str], Tensor]
 
 
 def load_hf_weights(parts: list[nn.Module], folder: str, model_cfg: ModelConfig) -> None:
-    """Overwrite the parameters of this rank's model parts with a local HF Llama's weights.
+    """Overwrite the parameters of this rank's model parts with a local HF folder's weights
+    (any supported architecture, see `distrib.models.hf_families`).
 
-    `parts` are built, parallelized (FSDP2 / TP DTensors, pipeline stages with some layers) and
-    materialized; each parameter gets its slice of the full tensor, cast to its dtype. The
-    folder's config must match `model_cfg` (see `check_config_matches`); every tensor is
-    checked by name and shape before anything is read. RoPE tables are not touched: they are
-    computed from the config at materialization.
+    `parts` are built, parallelized (FSDP2 / TP / EP DTensors, pipeline stages with some layers)
+    and materialized; each parameter gets its slice of the full tensor, cast to its dtype; the
+    experts of an MoE layer come as one tensor stacked from their per-expert files. The folder's
+    config must match `model_cfg` (see `check_config_matches`); every tensor is checked by name
+    and shape before anything is read. Buffers are not touched: the RoPE tables are computed
+    from the config and the MoE routing bias stays zero (no HF family stores one).
     """
     with open_hf_folder(folder, model_cfg) as weights:
-        load_full_tensors(parts, lambda name: weights.get(to_hf_name(name)))
+        load_full_tensors(parts, lambda name: read_tensor(weights, name, model_cfg))

@@ -1,5 +1,5 @@
 """Apply a layout to one model part, always in the same order:
-float8 -> TP -> AC -> compile -> FSDP/DDP.
+float8 -> TP -> EP -> AC -> compile -> FSDP/DDP.
 
 Float8 first, since it swaps modules (nn.Linear -> Float8Linear) that every later step wraps or
 shards; it refuses TP, whose plan has no float8 styles. TP next, so the later wrappers see
@@ -17,6 +17,7 @@ from distrib.config import ParallelConfig, TrainingConfig
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
 from distrib.parallel.dims import ParallelDims
+from distrib.parallel.expert import apply_ep
 from distrib.parallel.float8 import apply_float8
 from distrib.parallel.fsdp import apply_ddp, apply_fsdp
 from distrib.parallel.tensor import apply_tp
@@ -38,16 +39,23 @@ def parallelize(
         apply_float8(model, device, tp=dims.tp)
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], parallel.loss_parallel)
+    if dims.ep > 1:
+        apply_ep(model, mesh["ep"])
     apply_ac(model, parallel.activation_checkpoint, parallel.activation_memory_budget)
     if training.compile:
         apply_compile(model)
     if dims.dp_shard > 1 or (dims.dp_replicate > 1 and dims.tp > 1):
         # DDP cannot reduce DTensor gradients; with TP, replication goes through HSDP's
         # replicate axis (a shard degree of 1 shards nothing).
+        hsdp = dims.dp_replicate > 1
         apply_fsdp(
             model,
-            mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"],
+            mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"],
             training.dtype,
+            expert_mesh=(mesh["dp_replicate", "efsdp"] if hsdp else mesh["efsdp"])
+            if dims.ep > 1
+            else None,
+            expert_grad_divisor=dims.dp,
         )
     elif dims.dp_replicate > 1:
         apply_ddp(model, mesh["dp_replicate"])

@@ -43,6 +43,7 @@ from distrib.config.rules import (
 )
 from distrib.models.build import build_on_meta
 from distrib.models.loss import causal_lm_loss
+from distrib.models.moe import moe_layers
 from distrib.models.transformer import Transformer
 from distrib.parallel.init import materialize
 
@@ -122,6 +123,7 @@ class Pipeline:
         self.has_last = any(stage.is_last for stage in stages)
         self._loss_fn = loss_fn
         self._loss_context = loss_context
+        self._inferred = False
 
     def step(
         self, inputs_BL: Tensor | None, labels_BL: Tensor | None, loss_scale: float = 1.0
@@ -156,6 +158,14 @@ class Pipeline:
         # loader's tokens[:, :-1] failed there once a pipeline micro-batch held two sequences.
         args = (inputs_BL.contiguous(),) if self.has_first else ()
         target = labels_BL if self.has_last else None
+        if not self._inferred:
+            # On its first run the schedule pushes one extra forward through each stage to learn
+            # the activations' shapes (meta tensors on torch 2.11, uninitialized ones on 2.13);
+            # MoE layers must not count its routing as training load.
+            self._inferred = True
+            for part in self.parts:
+                for layer in moe_layers(part).values():
+                    layer.skip_stats += 1
         with self._loss_context():
             # return_outputs=False: the last stage would otherwise keep and concatenate every
             # micro-batch's logits, a B x L x V tensor nobody reads.

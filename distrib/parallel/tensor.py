@@ -28,6 +28,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -35,11 +36,31 @@ from torch.distributed.tensor.parallel import (
 from torch.distributed.tensor.parallel import loss_parallel as _loss_parallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from distrib.models.moe import moe_layers
 
-def _block_plan() -> dict[str, ParallelStyle]:
+
+def _moe_plan() -> dict[str, ParallelStyle]:
+    # An MoE layer is not split over tp: each rank routes and computes all positions (gathered
+    # from the sequence shards) with whole expert weights, and keeps its own positions of the
+    # output. In backward the output's gradient is gathered back from the shards, so every tp
+    # rank computes the same, whole weight gradients and the weights stay plain, replicated
+    # tensors that need no tp reduction. Experts are split by expert parallelism instead.
+    return {
+        "feed_forward": PrepareModuleInputOutput(
+            input_layouts=(Shard(1),),
+            desired_input_layouts=(Replicate(),),
+            use_local_input=True,
+            output_layouts=(Replicate(),),
+            desired_output_layouts=(Shard(1),),
+            use_local_output=True,
+        )
+    }
+
+
+def _block_plan(moe: bool = False) -> dict[str, ParallelStyle]:
     # Attention is called as attention(x, rope_cos, rope_sin, doc_ids): only x is gathered; the
     # RoPE tables and doc ids are plain full tensors on every rank (None = leave as is).
-    return {
+    attention: dict[str, ParallelStyle] = {
         "attention_norm": SequenceParallel(),
         "attention": PrepareModuleInput(
             input_layouts=(Shard(1), None, None, None),
@@ -50,6 +71,11 @@ def _block_plan() -> dict[str, ParallelStyle]:
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
         "ffn_norm": SequenceParallel(),
+    }
+    if moe:
+        return {**attention, **_moe_plan()}
+    return {
+        **attention,
         "feed_forward": PrepareModuleInput(
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
         ),
@@ -57,6 +83,18 @@ def _block_plan() -> dict[str, ParallelStyle]:
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         "feed_forward.w3": ColwiseParallel(),
     }
+
+
+# Qwen3's per-head RMSNorms on queries and keys (model.qk_norm).
+_HEAD_NORMS = ("q_norm", "k_norm")
+
+
+def _head_norm() -> ParallelStyle:
+    # Each rank normalizes its own heads ([B, L, heads/tp, K], heads on dim 2) with the whole,
+    # replicated weight. As a plain tensor the weight would get only this rank's heads' share of
+    # its gradient; as a DTensor with the input marked Shard(2), the backward sums the shares
+    # over the tp ranks (the way SequenceParallel norms sum over sequence shards).
+    return SequenceParallel(sequence_dim=2, use_local_output=True)
 
 
 def tp_plan(model: nn.Module, loss_parallel: bool) -> dict[str, ParallelStyle]:
@@ -67,8 +105,15 @@ def tp_plan(model: nn.Module, loss_parallel: bool) -> dict[str, ParallelStyle]:
         # Vocab-parallel embedding: each rank looks up its rows, the partial sums are
         # reduce-scattered straight onto the sequence shards.
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    if len(getattr(model, "layers", ())) > 0:
-        plan.update({f"layers.*.{name}": style for name, style in _block_plan().items()})
+    layers, moe = list(getattr(model, "layers", {})), moe_layers(model)
+    if layers and (not moe or len(moe) == len(layers)):  # one kind of block: one pattern each
+        plan.update({f"layers.*.{name}": style for name, style in _block_plan(bool(moe)).items()})
+    else:  # dense and MoE blocks mixed (moe_dense_layers): a plan per block
+        for index in layers:
+            block_plan = _block_plan(moe=index in moe)
+            plan.update({f"layers.{index}.{name}": style for name, style in block_plan.items()})
+    if layers and getattr(model.layers[layers[0]].attention, "q_norm", None) is not None:
+        plan.update({f"layers.*.attention.{name}": _head_norm() for name in _HEAD_NORMS})
     if getattr(model, "norm", None) is not None:
         plan["norm"] = SequenceParallel()
     if getattr(model, "output", None) is not None:

@@ -48,17 +48,50 @@ PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token.
 
-    6 x the parameters that take part in matrix products (every linear layer and the output
-    head; not the embedding lookup, not norms), plus attention's score and value products:
-    per layer 2 x 2 x seq_len x dim forward, x3 with backward = 12 x seq_len x dim. The causal
-    mask is not discounted (the PaLM / torchtitan convention), so MFU figures compare across
-    frameworks.
+    6 x the parameters that take part in matrix products for this token (every linear layer and
+    the output head; not the embedding lookup, not norms; in an MoE layer the router and the
+    top-k experts the token visits, plus shared experts: active, not total, parameters), plus
+    attention's score and value products: per layer 2 x 2 x context x heads x head_dim forward,
+    x3 with backward. The context is the sequence (the window, if shorter); the causal mask is
+    not discounted (the PaLM / torchtitan convention), so MFU figures compare across frameworks.
     """
-    head_dim = model.dim // model.n_heads
-    attn = 2 * model.dim * model.dim + 2 * model.dim * model.n_kv_heads * head_dim
-    ffn = 3 * model.dim * model.ffn_dim
-    matmul_params = model.n_layers * (attn + ffn) + model.vocab_size * model.dim
-    return 6.0 * matmul_params + 12.0 * model.n_layers * seq_len * model.dim
+    return 6.0 * active_matmul_params(model) + 12.0 * model.n_layers * _context(
+        model, seq_len
+    ) * model.n_heads * _head_dim(model)
+
+
+def _head_dim(model: ModelConfig) -> int:
+    return model.head_dim or model.dim // model.n_heads
+
+
+def _context(model: ModelConfig, seq_len: int) -> int:
+    return min(seq_len, model.sliding_window) if model.sliding_window > 0 else seq_len
+
+
+def active_matmul_params(model: ModelConfig) -> int:
+    """Weights one token multiplies by in a forward pass (see `flops_per_token`)."""
+    d, hd = model.dim, _head_dim(model)
+    attn = 2 * d * model.n_heads * hd + 2 * d * model.n_kv_heads * hd
+    dense_ffn = 3 * d * model.ffn_dim
+    n_moe = max(model.n_layers - model.moe_dense_layers, 0) if model.moe_experts > 0 else 0
+    expert = 3 * d * (model.moe_ffn_dim or model.ffn_dim)
+    moe_ffn = d * model.moe_experts + (model.moe_top_k + model.moe_shared_experts) * expert
+    return (
+        model.n_layers * attn
+        + (model.n_layers - n_moe) * dense_ffn
+        + n_moe * moe_ffn
+        + model.vocab_size * d
+    )
+
+
+def idle_expert_params(model: ModelConfig) -> int:
+    """Parameters of the routed experts a token does not visit (0 for a dense model): the
+    model's total minus this is its active parameter count."""
+    if model.moe_experts == 0:
+        return 0
+    n_moe = max(model.n_layers - model.moe_dense_layers, 0)
+    expert = 3 * model.dim * (model.moe_ffn_dim or model.ffn_dim)
+    return n_moe * (model.moe_experts - model.moe_top_k) * expert
 
 
 def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> float | None:
@@ -203,6 +236,7 @@ class MetricsLogger:
         self._jsonl.flush()
         step = int(record["step"])
         scalars = {k: v for k, v in clean.items() if isinstance(v, int | float) and k != "step"}
+        scalars.update(_per_layer_scalars(clean))
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key, value, step)
@@ -261,6 +295,8 @@ def _progress_line(
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, list):  # per-layer values (MoE)
+        return [_finite_or_none(v) for v in value]
     return value
 
 
@@ -278,3 +314,19 @@ def _start_wandb(cfg: MetricsConfig, run_dir: Path, run_config: dict[str, Any] |
         config=run_config,
     )
     return wandb
+
+
+def _per_layer_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """Per-MoE-layer lists as one scalar each (`moe_imbalance/layer3`) for TensorBoard and W&B,
+    which take scalars only; `moe_layers` names the blocks the lists follow."""
+    layers = record.get("moe_layers")
+    if not isinstance(layers, list):
+        return {}
+    out: dict[str, float] = {}
+    for key in ("moe_imbalance", "moe_aux_loss", "moe_z_loss"):
+        values = record.get(key)
+        if isinstance(values, list):
+            for layer, value in zip(layers, values, strict=False):
+                if isinstance(value, int | float):
+                    out[f"{key}/layer{layer}"] = value
+    return out

@@ -31,6 +31,7 @@ from distrib.train.metrics import (
     StepTimes,
     Throughput,
     flops_per_token,
+    idle_expert_params,
     memory_stats,
     peak_tflops,
 )
@@ -160,8 +161,10 @@ class Trainer:
         shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
         cfg = self.cfg
         n = num_params(build_on_meta(cfg.model))
+        idle = idle_expert_params(cfg.model)
+        active = f" ({(n - idle) / 1e6:.2f}M active)" if idle else ""
         log.write(
-            f"model: {n / 1e6:.2f}M parameters, "
+            f"model: {n / 1e6:.2f}M parameters{active}, "
             f"{flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOP/token; "
             f"{self.tokens_per_step} tokens/step in {self.train_loader.grad_accum_steps} "
             f"micro-batch(es) per rank; device {self.runtime.device}"
@@ -330,6 +333,7 @@ class Trainer:
                 **memory_stats(self.runtime.device),
                 **times.read(),
                 **(result.timings or {}),
+                **self.engine.expert_metrics(),
                 "elapsed_s": time.perf_counter() - start,
             }
             if lagging:

@@ -115,16 +115,14 @@ def test_config_round_trip(tied: bool) -> None:
         ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"head_dim": 16}, "head_dim"),  # dim 32 / 4 heads is 8
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         (
             {
                 "rope_parameters": {
-                    "rope_type": "llama3",
+                    "rope_type": "yarn",
                     "rope_theta": 500.0,
                     "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 16,
                 }
             },

@@ -19,6 +19,7 @@ from distrib.models.build import build_on_meta
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
 from distrib.parallel.dims import ParallelDims
+from distrib.parallel.expert import expert_balance
 from distrib.parallel.init import load_hf_weights, materialize
 from distrib.runtime import Runtime, import_deepspeed
 
@@ -73,4 +74,5 @@ def build_deepspeed_engine(cfg: Config, runtime: Runtime) -> tuple[DeepSpeedEngi
     engine = DeepSpeedEngine(
         ds, scheduler, gate, runtime.device, dist.get_rank(), training=cfg.training
     )
+    engine.experts = expert_balance([engine.model], cfg.model)
     return engine, dist.get_rank(), dp_size

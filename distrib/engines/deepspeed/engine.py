@@ -22,6 +22,7 @@ from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
 from distrib.engines.base import Accept, StepEngine, mean_over_ranks, training_loss
 from distrib.engines.deepspeed.gate import UpdateGate
+from distrib.models.moe import set_aux_loss_scale
 
 
 class DeepSpeedEngine(StepEngine):
@@ -56,6 +57,7 @@ class DeepSpeedEngine(StepEngine):
         if len(batches) != gas:
             raise ValueError(f"expected {gas} micro-batches per step, got {len(batches)}")
         self.ds.train()
+        set_aux_loss_scale([self.model], 1.0 / gas)  # MoE auxiliary losses, scaled as the loss
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(batches):
             loss = self._forward_loss(batch)
