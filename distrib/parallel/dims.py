@@ -12,6 +12,7 @@ weights FSDP-sharded over all of "dp_shard" as without experts.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -103,7 +104,17 @@ class ParallelDims:
         return mesh
 
 
+def submesh(mesh: DeviceMesh, *names: str) -> DeviceMesh:
+    """`mesh[names]`, where names may include the flattened axes ("dp", and "dp_shard" with
+    ep > 1), without torch's notice on every rank that slicing a flattened dim from the root
+    "will be deprecated": torch 2.11-2.13 have no other way to take a 2-D slice such as
+    (dp_replicate, flattened dp_shard), which HSDP with expert parallelism needs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
+        return mesh[names[0] if len(names) == 1 else names]
+
+
 def dp_coordinate(mesh: DeviceMesh) -> tuple[int, int]:
     """(data-parallel rank, data-parallel size) of this process on `mesh`."""
-    dp = mesh["dp"]
+    dp = submesh(mesh, "dp")
     return dp.get_local_rank(), dp.size()

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from distrib.config import ParallelConfig, TrainingConfig
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
-from distrib.parallel.dims import ParallelDims
+from distrib.parallel.dims import ParallelDims, submesh
 from distrib.parallel.expert import apply_ep
 from distrib.parallel.float8 import apply_float8
 from distrib.parallel.fsdp import apply_ddp, apply_fsdp
@@ -50,7 +50,7 @@ def parallelize(
         hsdp = dims.dp_replicate > 1
         apply_fsdp(
             model,
-            mesh["dp_replicate", "dp_shard"] if hsdp else mesh["dp_shard"],
+            submesh(mesh, "dp_replicate", "dp_shard") if hsdp else submesh(mesh, "dp_shard"),
             training.dtype,
             expert_mesh=(mesh["dp_replicate", "efsdp"] if hsdp else mesh["efsdp"])
             if dims.ep > 1
