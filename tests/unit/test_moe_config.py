@@ -62,7 +62,13 @@ def test_ep_against_the_world_size() -> None:
 
 @pytest.mark.parametrize(
     ("name", "total", "active"),
-    [("mixtral_8x7b", 46.70, 12.88), ("qwen3_30b_a3b", 30.53, 3.35), ("debug_moe", None, None)],
+    [
+        ("mixtral_8x7b", 46.70, 12.88),
+        ("qwen3_30b_a3b", 30.53, 3.35),
+        ("debug_moe", None, None),
+        ("debug_mixtral", None, None),
+        ("debug_qwen3_moe", None, None),
+    ],
 )
 def test_shipped_moe_configs(name: str, total: float | None, active: float | None) -> None:
     """Published sizes: Mixtral-8x7B 46.7B (12.9B active), Qwen3-30B-A3B 30.5B (3.3B)."""
