@@ -29,6 +29,16 @@ def resolved_moe_ffn_dim(model: ModelConfig) -> int:
     return model.moe_ffn_dim or model.ffn_dim
 
 
+def is_moe_layer(model: ModelConfig, layer: int) -> bool:
+    """Whether block `layer` has the routed feed-forward (the first moe_dense_layers stay dense)."""
+    return model.moe_experts > 0 and layer >= model.moe_dense_layers
+
+
+def moe_layer_count(model: ModelConfig) -> int:
+    """How many blocks have the routed feed-forward."""
+    return sum(is_moe_layer(model, layer) for layer in range(model.n_layers))
+
+
 @dataclass(frozen=True)
 class Feature:
     """A model option that not every family has. `used` tells whether a model uses it (an

@@ -25,13 +25,14 @@ N = T * K routed (token, expert) pairs, X this rank's experts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distrib.config import ModelConfig
+from distrib.config.families import resolved_moe_ffn_dim
 
 KERNELS = ("auto", "grouped_mm", "loop")
 # torch._grouped_mm runs (forward and backward) on CUDA sm90+ in bfloat16; its CPU version has
@@ -63,6 +64,15 @@ def grouped_mm_available(x: Tensor) -> bool:
         and compute_dtype(x) == torch.bfloat16
         and torch.cuda.get_device_capability(x.device) >= _GROUPED_MM_MIN_CAPABILITY
     )
+
+
+class Routing(NamedTuple):
+    """Where a layer sends its tokens (T tokens, K chosen experts each, E experts)."""
+
+    ids_TK: Tensor  # the chosen experts
+    weights_TK: Tensor  # their weights in the output, float32
+    logits_TE: Tensor  # the router's logits, float32
+    scores_TE: Tensor  # softmax or sigmoid of the logits
 
 
 class GroupedExperts(nn.Module):
@@ -160,7 +170,7 @@ class MoE(nn.Module):
         self.route_scale = cfg.moe_route_scale
         self.aux_loss_coef = cfg.moe_aux_loss_coef
         self.z_loss_coef = cfg.moe_z_loss_coef
-        hidden = cfg.moe_ffn_dim or cfg.ffn_dim
+        hidden = resolved_moe_ffn_dim(cfg)
         self.router = nn.Linear(cfg.dim, cfg.moe_experts, bias=False)
         self.experts = GroupedExperts(cfg.moe_experts, cfg.dim, hidden, cfg.moe_kernel)
         self.shared = (
@@ -185,8 +195,8 @@ class MoE(nn.Module):
         for buf in (self.expert_bias, self.tokens_per_expert, self.aux_sums):
             buf.zero_()
 
-    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(expert ids [T, K], their weights [T, K] in float32, router logits [T, E] float32)."""
+    def route(self, x_TD: Tensor) -> Routing:
+        """Each token's top-k experts and their weights, with the router's logits and scores."""
         logits_TE = self.router(x_TD).float()
         scores_TE = logits_TE.softmax(dim=-1) if self.score == "softmax" else logits_TE.sigmoid()
         # The bias only decides which experts are chosen; the weights stay the router's scores.
@@ -195,7 +205,7 @@ class MoE(nn.Module):
         weights_TK = scores_TE.gather(-1, ids_TK)
         if self.norm_topk:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        return ids_TK, weights_TK * self.route_scale, logits_TE
+        return Routing(ids_TK, weights_TK * self.route_scale, logits_TE, scores_TE)
 
     def dispatch_order(self, ids_TK: Tensor) -> tuple[Tensor, Tensor]:
         """(the order of the N = T*K routed pairs sorted by expert, rows per expert [E])."""
@@ -211,25 +221,26 @@ class MoE(nn.Module):
             return torch.empty_like(x_BLD)
         shape = x_BLD.shape
         x_TD = x_BLD.reshape(-1, shape[-1])
-        ids_TK, weights_TK, logits_TE = self.route(x_TD)
-        order_N, counts_E = self.dispatch_order(ids_TK)
+        routing = self.route(x_TD)
+        order_N, counts_E = self.dispatch_order(routing.ids_TK)
         token_N = order_N // self.top_k
         y_ND = self.experts(x_TD[token_N], counts_E)
-        y_ND = y_ND * weights_TK.flatten()[order_N, None].to(y_ND.dtype)
+        y_ND = y_ND * routing.weights_TK.flatten()[order_N, None].to(y_ND.dtype)
         out_TD = torch.zeros_like(x_TD, dtype=y_ND.dtype).index_add_(0, token_N, y_ND)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         out_BLD = out_TD.reshape(shape)
         if record:
-            out_BLD = self._aux_losses(out_BLD, logits_TE, ids_TK, counts_E)
+            out_BLD = self._aux_losses(out_BLD, routing, counts_E)
         return out_BLD
 
-    def _aux_losses(
-        self, out_BLD: Tensor, logits_TE: Tensor, ids_TK: Tensor, counts_E: Tensor
-    ) -> Tensor:
-        """Record what was routed; attach the enabled auxiliary losses to the output."""
-        aux = load_balancing_loss(logits_TE, ids_TK, self.score)
-        z = router_z_loss(logits_TE)
+    def _aux_losses(self, out_BLD: Tensor, routing: Routing, counts_E: Tensor) -> Tensor:
+        """Record what was routed; attach the enabled auxiliary losses to the output. A loss
+        whose coefficient is 0 is still computed for the metrics, outside autograd."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.aux_loss_coef > 0):
+            aux = load_balancing_loss(routing.scores_TE, counts_E, self.score)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.z_loss_coef > 0):
+            z = router_z_loss(routing.logits_TE)
         with torch.no_grad():
             self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
             self.aux_sums += torch.stack([aux.detach(), z.detach(), aux.new_ones(())])
@@ -263,20 +274,14 @@ class MoE(nn.Module):
         self.expert_bias += rate * torch.sign(load.mean() - load)
 
 
-def load_balancing_loss(logits_TE: Tensor, ids_TK: Tensor, score: str) -> Tensor:
+def load_balancing_loss(scores_TE: Tensor, counts_E: Tensor, score: str) -> Tensor:
     """Switch Transformer's load-balancing loss, `E * sum_e f_e * P_e`: f_e the fraction of
-    routed pairs sent to expert e (no gradient), P_e the mean routing probability of e. It is
-    1 at perfect balance. Sigmoid scores are normalized per token to be probabilities."""
-    num_experts = logits_TE.shape[-1]
-    if score == "softmax":
-        probs_TE = logits_TE.softmax(dim=-1)
-    else:
-        scores_TE = logits_TE.sigmoid()
-        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-    with torch.no_grad():
-        counts_E = torch.bincount(ids_TK.flatten(), minlength=num_experts).float()
-        fraction_E = counts_E / ids_TK.numel()
-    return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
+    routed pairs sent to expert e (`counts_E`, no gradient), P_e the mean routing probability
+    of e. It is 1 at perfect balance. Sigmoid scores are normalized per token to be
+    probabilities."""
+    probs_TE = scores_TE if score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
+    fraction_E = counts_E.float() / counts_E.sum()
+    return scores_TE.shape[-1] * (fraction_E * probs_TE.mean(dim=0)).sum()
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:

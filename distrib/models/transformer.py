@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distrib.config import ModelConfig
-from distrib.config.families import resolved_head_dim
+from distrib.config.families import is_moe_layer, resolved_head_dim
 from distrib.models.attention import attention, document_segments
 from distrib.models.loss import causal_lm_loss, chunked_causal_lm_loss
 from distrib.models.moe import MoE
@@ -126,11 +126,6 @@ class FeedForward(nn.Module):
         """Gated feed-forward over the last dim."""
         h_BLF = F.silu(self.w1(x_BLD)) * self.w3(x_BLD)
         return self.w2(h_BLF)
-
-
-def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
-    """Whether block `layer` has the routed feed-forward (the first moe_dense_layers stay dense)."""
-    return cfg.moe_experts > 0 and layer >= cfg.moe_dense_layers
 
 
 class TransformerBlock(nn.Module):

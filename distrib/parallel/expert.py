@@ -93,7 +93,9 @@ class ExpertBalance:
     def __init__(self, parts: list[nn.Module], n_layers: int, num_experts: int, rate: float):
         self.layers = {int(i): layer for part in parts for i, layer in moe_layers(part).items()}
         self.n_layers, self.num_experts, self.rate = n_layers, num_experts, rate
-        self._pending: Tensor | None = None  # counts since the last report, when balancing
+        # With balancing on, the counts and losses taken at each step since the last report.
+        self._pending: Tensor | None = None
+        self._pending_losses: Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -137,9 +139,9 @@ class ExpertBalance:
         the mean (`moe_imbalance`), the load-balancing and z losses. Called on every rank."""
         if not self.active:
             return {}
-        if self.rate > 0 and self._pending is not None:
+        if self._pending is not None and self._pending_losses is not None:
             counts, losses = self._pending, self._pending_losses
-            self._pending = None
+            self._pending = self._pending_losses = None
         else:
             counts, losses = self._take()
         present = losses[:, 2] > 0

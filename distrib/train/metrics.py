@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from distrib.config import MetricsConfig, ModelConfig
+from distrib.config.families import moe_layer_count, resolved_head_dim, resolved_moe_ffn_dim
 from distrib.errors import ConfigError
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bfloat16, float32 via TF32
@@ -55,30 +56,21 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     x3 with backward. The context is the sequence (the window, if shorter); the causal mask is
     not discounted (the PaLM / torchtitan convention), so MFU figures compare across frameworks.
     """
-    return 6.0 * active_matmul_params(model) + 12.0 * model.n_layers * _context(
-        model, seq_len
-    ) * model.n_heads * _head_dim(model)
-
-
-def _head_dim(model: ModelConfig) -> int:
-    return model.head_dim or model.dim // model.n_heads
-
-
-def _context(model: ModelConfig, seq_len: int) -> int:
-    return min(seq_len, model.sliding_window) if model.sliding_window > 0 else seq_len
+    context = min(seq_len, model.sliding_window) if model.sliding_window > 0 else seq_len
+    attention = 12.0 * model.n_layers * context * model.n_heads * resolved_head_dim(model)
+    return 6.0 * active_matmul_params(model) + attention
 
 
 def active_matmul_params(model: ModelConfig) -> int:
     """Weights one token multiplies by in a forward pass (see `flops_per_token`)."""
-    d, hd = model.dim, _head_dim(model)
+    d, hd = model.dim, resolved_head_dim(model)
     attn = 2 * d * model.n_heads * hd + 2 * d * model.n_kv_heads * hd
-    dense_ffn = 3 * d * model.ffn_dim
-    n_moe = max(model.n_layers - model.moe_dense_layers, 0) if model.moe_experts > 0 else 0
-    expert = 3 * d * (model.moe_ffn_dim or model.ffn_dim)
+    n_moe = moe_layer_count(model)
+    expert = 3 * d * resolved_moe_ffn_dim(model)
     moe_ffn = d * model.moe_experts + (model.moe_top_k + model.moe_shared_experts) * expert
     return (
         model.n_layers * attn
-        + (model.n_layers - n_moe) * dense_ffn
+        + (model.n_layers - n_moe) * 3 * d * model.ffn_dim
         + n_moe * moe_ffn
         + model.vocab_size * d
     )
@@ -87,11 +79,8 @@ def active_matmul_params(model: ModelConfig) -> int:
 def idle_expert_params(model: ModelConfig) -> int:
     """Parameters of the routed experts a token does not visit (0 for a dense model): the
     model's total minus this is its active parameter count."""
-    if model.moe_experts == 0:
-        return 0
-    n_moe = max(model.n_layers - model.moe_dense_layers, 0)
-    expert = 3 * model.dim * (model.moe_ffn_dim or model.ffn_dim)
-    return n_moe * (model.moe_experts - model.moe_top_k) * expert
+    expert = 3 * model.dim * resolved_moe_ffn_dim(model)
+    return moe_layer_count(model) * (model.moe_experts - model.moe_top_k) * expert
 
 
 def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> float | None:

@@ -89,9 +89,9 @@ def _ep_worker(rank: int, world_size: int, folder: str) -> None:
     load_hf_weights([model], folder, cfg)
     w1 = model.layers["1"].feed_forward.experts.w1
     assert isinstance(w1, DTensor) and w1.to_local().shape[0] == cfg.moe_experts // world_size
-    expected = torch.load(Path(folder) / "logits.pt")
+    expected = torch.load(Path(folder) / "logits.pt", weights_only=True)
     with torch.no_grad():
-        got = model(torch.load(Path(folder) / "tokens.pt"))
+        got = model(torch.load(Path(folder) / "tokens.pt", weights_only=True))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 

@@ -79,7 +79,7 @@ def test_dispatch_and_combine_equal_a_per_token_loop(options: dict) -> None:
 def test_every_token_reaches_exactly_its_top_k_experts() -> None:
     layer = _moe()
     x_TD = torch.randn(40, layer.router.weight.shape[1])
-    ids_TK, _, _ = layer.route(x_TD)
+    ids_TK = layer.route(x_TD).ids_TK
     order_N, counts_E = layer.dispatch_order(ids_TK)
     # Sorted by expert, each expert's rows in one block, each (token, slot) pair once.
     assert sorted(order_N.tolist()) == list(range(40 * layer.top_k))
@@ -106,9 +106,9 @@ def test_every_token_reaches_exactly_its_top_k_experts() -> None:
 def test_bias_changes_the_choice_not_the_weights() -> None:
     layer = _moe()
     x_TD = torch.randn(16, layer.router.weight.shape[1])
-    before_ids, before_w, _ = layer.route(x_TD)
+    before_ids = layer.route(x_TD).ids_TK
     layer.expert_bias[3] = 10.0  # expert 3 now always chosen
-    ids, weights, logits = layer.route(x_TD)
+    ids, weights, logits, _ = layer.route(x_TD)
     assert (ids == 3).any(dim=1).all()
     scores = logits.softmax(-1).gather(-1, ids)
     torch.testing.assert_close(weights, scores / scores.sum(-1, keepdim=True))
@@ -122,12 +122,12 @@ def test_bias_balancing_moves_a_skewed_router_towards_uniform_load() -> None:
     x_TD = torch.randn(256, layer.router.weight.shape[1]).abs()
 
     def imbalance() -> float:
-        _, counts = layer.dispatch_order(layer.route(x_TD)[0])
+        _, counts = layer.dispatch_order(layer.route(x_TD).ids_TK)
         return float(counts.max() / counts.float().mean())
 
     start = imbalance()
     for _ in range(300):
-        _, counts = layer.dispatch_order(layer.route(x_TD)[0])
+        _, counts = layer.dispatch_order(layer.route(x_TD).ids_TK)
         layer.update_bias(counts, rate=0.01)
     assert start > 2.0
     assert imbalance() < 1.3 < start
@@ -148,8 +148,10 @@ def test_auxiliary_losses_train_through_the_attached_gradient() -> None:
     layer.eval()  # no attachment: add the losses by hand
     out = layer(x_BLD)
     logits = layer.router(x_BLD.reshape(-1, x_BLD.shape[-1]))
-    ids, _, _ = layer.route(x_BLD.reshape(-1, x_BLD.shape[-1]))
-    aux = load_balancing_loss(logits, ids, "softmax")
+    ids = layer.route(x_BLD.reshape(-1, x_BLD.shape[-1])).ids_TK
+    # The Switch loss by its definition, from the logits: E * sum_e f_e * P_e.
+    fraction = torch.bincount(ids.flatten(), minlength=6).float() / ids.numel()
+    aux = 6 * (fraction * logits.softmax(-1).mean(0)).sum()
     total = out.square().sum() + coef * aux + z_coef * router_z_loss(logits)
     (total * scale).backward()
     torch.testing.assert_close(got, layer.router.weight.grad, atol=1e-6, rtol=1e-5)
@@ -157,11 +159,14 @@ def test_auxiliary_losses_train_through_the_attached_gradient() -> None:
 
 def test_loss_values_and_statistics() -> None:
     logits = torch.zeros(8, 4)
-    ids = torch.tensor([[0, 1], [2, 3]] * 4)
-    assert float(load_balancing_loss(logits, ids, "softmax")) == pytest.approx(1.0)  # balanced
-    skewed = torch.tensor([[0, 1]] * 8)  # all to experts 0 and 1, which take all probability
-    peaked = torch.tensor([[30.0, 30.0, -30.0, -30.0]] * 8)
+    uniform = logits.softmax(-1)
+    balanced = torch.tensor([4, 4, 4, 4])
+    assert float(load_balancing_loss(uniform, balanced, "softmax")) == pytest.approx(1.0)
+    skewed = torch.tensor([8, 8, 0, 0])  # all to experts 0 and 1, which take all probability
+    peaked = torch.tensor([[30.0, 30.0, -30.0, -30.0]] * 8).softmax(-1)
     assert float(load_balancing_loss(peaked, skewed, "softmax")) == pytest.approx(2.0)
+    sigmoid = torch.tensor([[0.9, 0.9, 0.0, 0.0]] * 8)  # normalized per token: 1/2, 1/2, 0, 0
+    assert float(load_balancing_loss(sigmoid, skewed, "sigmoid")) == pytest.approx(2.0)
     assert float(router_z_loss(logits)) == pytest.approx(torch.log(torch.tensor(4.0)) ** 2)
     layer = _moe()
     layer.train()
