@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from bench.common import environment, table, write_result
-from distrib.config import load_config
+from distrib.config import Config, load_config
 from distrib.data.loader import Batch
 from distrib.engines.build import build_engine
 from distrib.runtime import Runtime, detect_launch, init_runtime, shutdown
@@ -135,37 +135,53 @@ def _deepspeed(engine: Any, batch: Batch) -> dict[str, float | None]:
     }
 
 
+def synthetic_batch(cfg: Config) -> Batch:
+    """One micro-batch of uniform random tokens (seed 0) of the config's shape."""
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.training.micro_batch_size, cfg.data.seq_len + 1)
+    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+    return Batch(tokens[:, :-1], tokens[:, 1:], None)
+
+
+def measure(engine: Any, batch: Batch, device: torch.device) -> dict[str, float | None]:
+    """This rank's parameter, gradient and optimizer bytes after two steps on `batch`, and
+    its peak memory so far."""
+    figures = _deepspeed(engine, batch) if hasattr(engine, "ds") else _native(engine, batch)
+    return {**figures, "peak_mb": memory_gb(device) * 1024}
+
+
+def write_ranks(record: dict[str, Any], runtime: Runtime, out: str) -> None:
+    """Gather every rank's `record` to rank 0, which writes the list to `out` as JSON."""
+    gathered = [None] * runtime.world_size if runtime.is_main else None
+    if dist.is_initialized():
+        dist.gather_object(record, gathered, dst=0)
+    else:
+        gathered = [record]
+    if runtime.is_main:
+        Path(out).write_text(json.dumps(gathered))
+    runtime.barrier()  # finish in-flight collectives before the group is torn down
+
+
 def worker(overrides: list[str], out: str) -> None:
     """One rank: build, measure, gather the ranks' figures to rank 0, which writes them."""
     runtime = init_runtime()
     try:
         cfg = load_config(None, [*MODEL, *overrides])
         engine, _, _ = build_engine(cfg, Runtime(detect_launch(), runtime.device))
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, 4096, (4, 257), generator=g)
-        batch = Batch(tokens[:, :-1], tokens[:, 1:], None)
-        measure = _deepspeed if cfg.parallel.engine == "deepspeed" else _native
-        record = {
-            "rank": runtime.rank,
-            **measure(engine, batch),
-            "peak_mb": memory_gb(runtime.device) * 1024,
-        }
-        gathered = [None] * runtime.world_size if runtime.is_main else None
-        if dist.is_initialized():
-            dist.gather_object(record, gathered, dst=0)
-        else:
-            gathered = [record]
-        if runtime.is_main:
-            Path(out).write_text(json.dumps(gathered))
-        runtime.barrier()  # finish in-flight collectives before the group is torn down
+        record = {"rank": runtime.rank, **measure(engine, synthetic_batch(cfg), runtime.device)}
+        write_ranks(record, runtime, out)
     finally:
         shutdown()
 
 
-def run_layout(name: str, nproc: int, overrides: list[str]) -> list[dict]:
+def run_layout(
+    name: str, nproc: int, overrides: list[str], module: str = "bench.memory"
+) -> list[dict]:
+    """Run `module`'s worker on `nproc` ranks (torchrun beyond one) in a temporary folder that
+    holds its `--out` file; returns the ranks' records."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        args = ["-m", "bench.memory", "--worker", "--out", str(out), "--", *overrides]
+        args = ["-m", module, "--worker", "--out", str(out), "--", *overrides]
         launcher = (
             [
                 sys.executable,

@@ -51,12 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_k", type=int, default=50, help="sample among the k likeliest (0: all)")
     gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user turn, rendered in the run's chat template (fine-tuned runs)",
+    )
     exp = sub.add_parser(
-        "export", help="write a run's checkpoint as a Hugging Face folder (transformers loads it)"
+        "export",
+        help="write a run's checkpoint as a Hugging Face folder (transformers loads it), or a "
+        "LoRA run's adapters as a peft adapter folder",
     )
     exp.add_argument("--run_dir", type=Path, required=True, help="the run folder (job.run_dir)")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    exp.add_argument("--format", default="hf", help="hf: safetensors + config + tokenizer")
+    exp.add_argument(
+        "--format",
+        default="hf",
+        # Checked by export_run, not argparse: a bad value is then one line and exit 2.
+        help="hf (default) or peft. hf: safetensors + config + tokenizer (a LoRA run: adapters merged); peft: a LoRA "
+        "run's adapters for peft.PeftModel.from_pretrained on its base",
+    )
     exp.add_argument(
         "--max_shard_size", default="5GB", help="split the weights into files of at most this"
     )
@@ -125,6 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.top_k,
         args.step,
         args.seed,
+        chat=args.chat,
     )
     print(text)
 
@@ -146,11 +160,30 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def _from_init_folder(model: ModelConfig, explicit: set[str]) -> ModelConfig:
-    # model.init_from = "hf:PATH" takes the folder's shape and family for every model key the
-    # user did not set (imported here: transformers and torch are slow to import).
+    # model.init_from = "hf:PATH" or "run:DIR" takes the source's shape and family for every
+    # model key the user did not set (imported here: transformers and torch are slow to import).
+    if model.init_from.startswith("run:"):
+        from distrib.checkpoint.init_from import run_model_config
+
+        return run_model_config(model, explicit)
     from distrib.models.hf import init_from_model_config
 
     return init_from_model_config(model, explicit)
+
+
+def _init_tokenizer(cfg: Config) -> Config:
+    """Fine-tuning data must be tokenized as the starting model was: with `model.init_from`
+    set and `data.tokenizer` empty, the source's tokenizer is the one used."""
+    source = cfg.model.init_from
+    if cfg.data.tokenizer or not source:
+        return cfg
+    if source.startswith("run:"):
+        from distrib.checkpoint.init_from import run_tokenizer
+
+        cfg.data.tokenizer = str(run_tokenizer(source))
+    else:
+        cfg.data.tokenizer = source.removeprefix("hf:")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cmd_report(args)
             return 0
-        cfg = load_config(args.config, rest, resolve_model=_from_init_folder)
+        cfg = _init_tokenizer(load_config(args.config, rest, resolve_model=_from_init_folder))
         if args.command == "train":
             cmd_train(cfg)
         else:

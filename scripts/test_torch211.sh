@@ -7,8 +7,9 @@
 # checkpoint unit tests among them), the native parity layouts (tests/distributed/test_parity.py:
 # FSDP2, TP, PP, HSDP), the pipeline schedules (test_pipeline.py), checkpoint resilience
 # (test_resilience.py: DCP background saves, resharding, restarts), the DeepSpeed engine
-# (test_deepspeed.py) and expert parallelism (test_expert_parallel.py: torch 2.11's pipeline
-# infers shapes on meta tensors, 2.13's on real ones). Left to the main suite on 2.13: the other distributed tests,
+# (test_deepspeed.py), expert parallelism (test_expert_parallel.py: torch 2.11's pipeline
+# infers shapes on meta tensors, 2.13's on real ones) and LoRA under FSDP2 and TP
+# (test_lora_parallel.py: its TP styles extend torch's private _partition_linear_fn). Left to the main suite on 2.13: the other distributed tests,
 # integration, launchers and Slurm.
 #
 # PyPI has only the CUDA build of torch 2.11 for Linux: it brings about 4 GB of CUDA libraries
@@ -43,4 +44,5 @@ exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=10 \
   tests/distributed/test_resilience.py \
   tests/distributed/test_deepspeed.py \
   tests/distributed/test_expert_parallel.py \
+  tests/distributed/test_lora_parallel.py \
   "$@"

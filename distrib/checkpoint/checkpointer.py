@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from distrib.checkpoint import manifest
 from distrib.checkpoint.dcp import Writer, caching_stager, dcp_writer, distributed
 from distrib.checkpoint.dcp import load as dcp_load
+from distrib.checkpoint.lora_base import base_record, check_lora_fits
 from distrib.checkpoint.run_folder import RunFolder
 from distrib.checkpoint.state import OwnFormat
 from distrib.config import CheckpointConfig
@@ -90,8 +91,10 @@ class Checkpointer:
         # The run whose checkpoints these are: only they are resumed from and pruned. None
         # where the folder has no identity (written before runs had one): all are its own.
         self.owner = owner
-        # Recorded in each manifest: layout, config, and the run that wrote it.
+        # Recorded in each manifest: layout, config, the run that wrote it, and the digest of
+        # the frozen base a LoRA run's adapters sit on (hashed here, once, by every rank).
         self.info = {**(info or {}), **({"run_id": owner.run_id} if owner else {})}
+        self.info.update(base_record(self.info.get("config", {})))
         self._pending: _Pending | None = None
         # Background saves run their collectives on a group of their own (gloo, which also
         # carries CPU tensors), so that they never interleave with training's collectives.
@@ -255,6 +258,7 @@ class Checkpointer:
         """Restore `state` in place from the checkpoint `path`; every rank calls it together.
         A checkpoint of a model of another shape is refused, naming what differs."""
         model = self.info.get("config", {}).get("model", {})
+        check_lora_fits(path, self.info)
         if any(isinstance(v, OwnFormat) for v in state.values()):
             from distrib.checkpoint.deepspeed import load_own_format
 

@@ -28,13 +28,21 @@ TAG = "deepspeed"
 
 class DeepSpeedState:
     """A `deepspeed.DeepSpeedEngine`'s whole state (model, optimizer, LR schedule), written by
-    DeepSpeed itself: the `OwnFormat` of the DeepSpeed engine."""
+    DeepSpeed itself: the `OwnFormat` of the DeepSpeed engine. Frozen parameters (a LoRA run's
+    base, rebuilt from `model.init_from`) are left out."""
 
     def __init__(self, ds: Any) -> None:
         self.ds = ds
+        self.frozen = any(not p.requires_grad for p in ds.module.parameters())
 
     def save(self, folder: Path) -> None:
-        self.ds.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=False)
+        self.ds.save_checkpoint(
+            str(folder),
+            tag=TAG,
+            client_state={},
+            save_latest=False,
+            exclude_frozen_parameters=self.frozen,
+        )
 
     def load(self, folder: Path) -> None:
         if not (folder / TAG).is_dir():
@@ -43,7 +51,11 @@ class DeepSpeedState:
                 "parallel.engine = 'deepspeed')"
             )
         path, _ = self.ds.load_checkpoint(
-            str(folder), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(folder),
+            tag=TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not self.frozen,  # the frozen base is not in the checkpoint
         )
         if path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint under {folder / TAG}")

@@ -174,6 +174,8 @@ RUN_ARTIFACTS = (
     "tensorboard",
     "wandb",
     "report",
+    "reference_logps.npz",
+    "chat_template.jinja",
 )
 
 

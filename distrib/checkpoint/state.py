@@ -38,13 +38,22 @@ def _as_parts(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
 
 
 class ModelState(Stateful):
-    """The weights of this rank's model parts in DCP form (sharded tensors stay sharded)."""
+    """The weights of this rank's model parts in DCP form (sharded tensors stay sharded).
 
-    def __init__(self, model: nn.Module | list[nn.Module]) -> None:
+    `trainable_only` leaves out frozen parameters (a LoRA run's base, which comes from
+    `model.init_from` whenever the run is built), so the checkpoint holds the adapters only.
+    """
+
+    def __init__(self, model: nn.Module | list[nn.Module], trainable_only: bool = False) -> None:
         self.parts = _as_parts(model)
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+        return {
+            k: v
+            for part in self.parts
+            for k, v in get_model_state_dict(part, options=self.options).items()
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for part in self.parts:

@@ -67,6 +67,22 @@ def sample(
     return ids[0].tolist()
 
 
+def chat_prompt(run_dir: Path, prompt: str, max_seq_len: int) -> str:
+    """`prompt` as one user turn followed by the reply prompt, in the chat template the run
+    was fine-tuned with (kept in its folder)."""
+    from distrib.commands.export import hf_tokenizer
+    from distrib.data.chat import TEMPLATE_FILE
+
+    if not (Path(run_dir) / TEMPLATE_FILE).is_file():
+        raise ConfigError(
+            f"--chat: {run_dir} has no {TEMPLATE_FILE}; only a run trained on chat or "
+            "preference data (data.format = chat | preference) has a chat template"
+        )
+    hf = hf_tokenizer(Path(run_dir) / "tokenizer.json", max_seq_len)
+    messages = [{"role": "user", "content": prompt}]
+    return hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def generate_text(
     run_dir: Path,
     prompt: str,
@@ -76,14 +92,24 @@ def generate_text(
     step: int | None = None,
     seed: int = 0,
     device: torch.device | None = None,
+    chat: bool = False,
 ) -> str:
-    """Prompt plus continuation, sampled from the run's newest (or `step`'s) checkpoint."""
+    """Prompt plus continuation, sampled from the run's newest (or `step`'s) checkpoint; with
+    `chat`, the prompt is a user turn rendered in the run's chat template."""
     check_sampling(max_new_tokens, temperature, top_k)
     device = device or torch.device("cpu")
     model, tokenizer, cfg = load_run(run_dir, step, device)
     max_seq_len = cfg.model.max_seq_len
     generator = torch.Generator().manual_seed(seed)
-    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    if chat:
+        from distrib.data.chat import parsing_special_tokens
+
+        # The template's markup may hold special tokens (<|im_start|>): parse them, as the
+        # training data was.
+        rendered = chat_prompt(run_dir, prompt, max_seq_len)
+        prompt_ids = parsing_special_tokens(tokenizer).encode(rendered).ids
+    else:
+        prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
     out = sample(
         model,
         prompt_ids,

@@ -188,3 +188,23 @@ def check_activation_checkpoint(mode: str, memory_budget: float, compiled: bool)
         "parallel.activation_checkpoint = 'memory_budget' needs training.compile = true (the "
         "compiler chooses what to recompute); set training.compile = true or use 'selective'",
     )
+
+
+# The linear layers LoRA can target, by attribute name (`lora.targets`); "all" is every one but
+# the output head.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+def lora_targets(targets: str) -> tuple[str, ...]:
+    """`lora.targets` ("wq,wv", "all", "all,output") as target names, in LORA_TARGETS order."""
+    names = {name.strip() for name in targets.split(",") if name.strip()}
+    if "all" in names:
+        names = (names - {"all"}) | set(LORA_TARGETS[:-1])
+    unknown = sorted(names - set(LORA_TARGETS))
+    _check(
+        bool(names) and not unknown,
+        f"lora.targets = '{targets}': "
+        + (f"unknown layer '{unknown[0]}'" if unknown else "no layer named")
+        + f"; valid: {', '.join(LORA_TARGETS)}, or 'all' (every one but output), comma-separated",
+    )
+    return tuple(t for t in LORA_TARGETS if t in names)

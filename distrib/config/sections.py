@@ -47,7 +47,9 @@ class ModelConfig:
     init_from: str = _f(
         "",
         "start from existing weights: 'hf:/path/to/folder' (a local Hugging Face folder of a "
-        "supported architecture; its config sets the model keys)",
+        "supported architecture) or 'run:/path/to/run_dir[@STEP]' (a distrib run's newest or "
+        "given checkpoint); its config sets the model keys and its tokenizer is data.tokenizer's "
+        "default",
     )
     family: Literal["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe", "custom"] = _f(
         "llama",
@@ -117,10 +119,40 @@ class DataConfig:
         True, "false masks attention across document boundaries in packed sequences"
     )
     max_documents: int = _f(0, "stop reading the corpus after this many documents (0: all)")
+    format: Literal["text", "chat", "preference"] = _f(
+        "text",
+        "text: documents for pretraining; chat: conversations ('messages' of role/content) or "
+        "'prompt'/'response' pairs, for training.objective = sft; preference: 'prompt'/"
+        "'chosen'/'rejected' records, for training.objective = dpo. With an empty source, chat "
+        "and preference use pairs made from the Python standard library's functions",
+    )
+    chat_template: str = _f(
+        "auto",
+        "how chat and preference records become text: auto (the tokenizer folder's chat "
+        "template when it has one, else default), default (distrib's documented template), or "
+        "a path to a Jinja template file",
+    )
+    packing: Literal["pack", "pad"] = _f(
+        "pack",
+        "chat: pack several examples into each sequence, each attending only to itself (RoPE "
+        "then sees only offsets within the example), or pad each example to seq_len; "
+        "preference data is always padded",
+    )
+    bad_records: Literal["skip", "error"] = _f(
+        "skip",
+        "chat and preference records with missing roles, empty responses or more than seq_len "
+        "tokens: skip them (each reported with file and line) or stop with an error",
+    )
 
 
 @dataclass
 class TrainingConfig:
+    objective: Literal["pretrain", "sft", "dpo"] = _f(
+        "pretrain",
+        "pretrain: next-token loss on every token (data.format = text); sft: on the assistant "
+        "tokens only (data.format = chat); dpo: direct preference optimization against the "
+        "starting model (data.format = preference)",
+    )
     steps: int = _f(200, "optimizer steps to train")
     stop_at_step: int = _f(
         0, "save and stop after this step without changing the schedule (0: run to the end)"
@@ -251,6 +283,29 @@ class DebugConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = _f(0, "LoRA rank of the adapters (0: off, every weight trains)")
+    alpha: float = _f(16.0, "LoRA scaling numerator: adapters add (alpha / rank) * B A x")
+    dropout: float = _f(0.0, "dropout on the adapters' input")
+    targets: str = _f(
+        "wq,wk,wv,wo",
+        "comma-separated linear layers that get adapters: wq, wk, wv, wo (attention), w1, w2, "
+        "w3 (feed-forward), output; or 'all' for every one but output",
+    )
+    base_dtype: Literal["float32", "bfloat16"] = _f(
+        "float32", "dtype the frozen base weights are held in (adapters stay float32)"
+    )
+
+
+@dataclass
+class DPOConfig:
+    beta: float = _f(0.1, "DPO temperature: how far the policy may move from the reference")
+    label_smoothing: float = _f(
+        0.0, "assumed share of flipped preference labels (conservative DPO; 0: plain DPO)"
+    )
+
+
+@dataclass
 class Config:
     job: JobConfig = field(default_factory=JobConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,6 +315,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # Resolved once: with postponed annotations the dataclass field types are strings.

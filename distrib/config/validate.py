@@ -64,6 +64,8 @@ def validate(cfg: Config) -> None:
         # reports the world size first: checked here, the mismatch would be blamed on the batch.
         rules.grad_accum_steps(t, p.dp_replicate * p.dp_shard)
     _validate_run(cfg)
+    _validate_objective(cfg)
+    _validate_lora(cfg)
 
 
 def _fits_launch(p: ParallelConfig) -> bool:
@@ -104,8 +106,9 @@ def _validate_model(m: ModelConfig) -> None:
     families.check_family(m)
     _check(m.rope_theta > 0 and m.norm_eps > 0, "model.rope_theta and model.norm_eps must be > 0")
     _check(
-        m.init_from == "" or m.init_from.startswith("hf:"),
-        f"model.init_from = '{m.init_from}': expected 'hf:/path/to/folder' or empty",
+        m.init_from == "" or m.init_from.startswith(("hf:", "run:")),
+        f"model.init_from = '{m.init_from}': expected 'hf:/path/to/folder', "
+        "'run:/path/to/run_dir[@STEP]' or empty",
     )
 
 
@@ -346,3 +349,104 @@ def _validate_pipeline(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
             "is not supported under torch.compile); set training.compile = false or use 1f1b",
         )
     rules.split_points(p, m.n_layers)
+
+
+# Which data.format each training.objective trains on.
+_OBJECTIVE_FORMAT = {"pretrain": "text", "sft": "chat", "dpo": "preference"}
+
+
+def _validate_objective(cfg: Config) -> None:
+    """training.objective against the data format, the model source and the layout."""
+    t, d, p, m = cfg.training, cfg.data, cfg.parallel, cfg.model
+    want = _OBJECTIVE_FORMAT[t.objective]
+    if d.format != want:
+        needs = next(o for o, f in _OBJECTIVE_FORMAT.items() if f == d.format)
+        raise ConfigError(
+            f"training.objective = '{t.objective}' trains on data.format = '{want}', got "
+            f"data.format = '{d.format}' (which is for training.objective = '{needs}')"
+        )
+    if d.format == "chat" and d.packing == "pack":
+        _check(
+            p.pp == 1,
+            "data.packing = 'pack' keeps attention within each example, which parallel.pp > 1 "
+            "does not support (document ids do not travel between pipeline stages); set "
+            "data.packing = 'pad'",
+        )
+    if t.objective != "dpo":
+        return
+    _check(cfg.dpo.beta > 0, f"dpo.beta must be > 0, got {cfg.dpo.beta}")
+    _check(
+        0 <= cfg.dpo.label_smoothing < 0.5,
+        f"dpo.label_smoothing must be in [0, 0.5), got {cfg.dpo.label_smoothing}",
+    )
+    _check(
+        m.init_from != "",
+        "training.objective = 'dpo' tunes a trained model against itself as it started: set "
+        "model.init_from = 'hf:PATH' or 'run:DIR' (usually a model after SFT)",
+    )
+    for key in ("tp", "pp"):
+        _check(
+            getattr(p, key) == 1,
+            f"training.objective = 'dpo' runs in data-parallel layouts (dp_replicate, dp_shard, "
+            f"DeepSpeed ZeRO): parallel.{key} must be 1, got {getattr(p, key)}",
+        )
+    _check(
+        t.loss_chunk_tokens == 0,
+        "training.objective = 'dpo' needs each sequence's log-probabilities, not a chunked "
+        "loss: set training.loss_chunk_tokens = 0",
+    )
+
+
+def _validate_lora(cfg: Config) -> None:
+    """The [lora] section, and what adapters cannot be combined with."""
+    lo, m, t, p = cfg.lora, cfg.model, cfg.training, cfg.parallel
+    _check(lo.rank >= 0, f"lora.rank must be >= 0 (0: no adapters), got {lo.rank}")
+    if lo.rank == 0:
+        return
+    _check(lo.alpha > 0, f"lora.alpha must be > 0, got {lo.alpha}")
+    _check(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    targets = rules.lora_targets(lo.targets)
+    _check(
+        m.init_from != "",
+        f"lora.rank = {lo.rank} trains adapters on a frozen base, but model.init_from is empty: "
+        "the base would be random weights; set model.init_from = 'hf:PATH' or 'run:DIR[@STEP]' "
+        "(or lora.rank = 0 to train every weight)",
+    )
+    ffn = [name for name in targets if name in ("w1", "w2", "w3")]
+    _check(
+        not (ffn and m.moe_experts > 0),
+        f"lora.targets = '{lo.targets}' includes {', '.join(ffn)}, but model.moe_experts = "
+        f"{m.moe_experts}: Mixture-of-Experts feed-forwards get no adapters; target the "
+        "attention projections (wq, wk, wv, wo)",
+    )
+    if "output" in targets:
+        _check(
+            not m.tie_embeddings,
+            "lora.targets includes output, but model.tie_embeddings = true (the head is the "
+            "embedding table): drop output from lora.targets",
+        )
+        _check(
+            t.loss_chunk_tokens == 0,
+            "lora.targets includes output, but training.loss_chunk_tokens > 0 computes the head "
+            "from its weight alone: set training.loss_chunk_tokens = 0 or drop output",
+        )
+        _check(
+            p.pp == 1 or len(targets) > 1,
+            "lora.targets = 'output' with parallel.pp > 1 leaves the earlier pipeline stages "
+            "nothing to train: add block layers (e.g. wq,wv,output) or set parallel.pp = 1",
+        )
+    _check(
+        not t.float8,
+        "training.float8 = true swaps the linear layers for float8 ones, which carry no LoRA "
+        "adapters: set training.float8 = false",
+    )
+    _check(
+        lo.base_dtype == "float32" or t.dtype == "bfloat16",
+        "lora.base_dtype = 'bfloat16' needs training.dtype = 'bfloat16' (in float32 compute "
+        "the bfloat16 base weights would meet float32 activations); set one or the other",
+    )
+    _check(
+        p.ep == 1,
+        f"parallel.ep = {p.ep} is not supported with LoRA (lora.rank = {lo.rank}); set "
+        "parallel.ep = 1",
+    )

@@ -11,15 +11,18 @@ batch index) does not depend on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from distrib.config import DataConfig, TrainingConfig
 from distrib.config.rules import accumulation_steps
-from distrib.data.shards import TokenShards
+from distrib.data.shards import TokenShards, read_manifest
 from distrib.errors import DataError
+
+if TYPE_CHECKING:  # it imports this module
+    from distrib.data.example_loader import ExampleLoader
 
 
 @dataclass
@@ -30,6 +33,12 @@ class Batch:
     labels: torch.Tensor  # int64 [B, L]: inputs shifted left by one
     doc_ids: torch.Tensor | None = None  # int64 [B, L]: document index of each input token
     sample_ids: torch.Tensor | None = None  # int64 [B]: position of each sequence in the split
+    # The loss is the sum of the counted labels' cross-entropy divided by this, when given (else
+    # their mean): the step's counted labels over its micro-batches on all data-parallel ranks,
+    # so that every counted label of the global batch weighs the same whatever the layout.
+    loss_denominator: float | None = None
+    # DPO: the reference model's summed log-probabilities of each row's labels, float [B].
+    reference_logps: torch.Tensor | None = None
 
 
 def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -197,6 +206,24 @@ class TokenLoader:
         self.epoch, self.batch_index = epoch, index
 
 
+def open_split(data: DataConfig, split: str) -> TokenShards:
+    """Open `split` of the dataset in `data.dir` (checking its shards' sizes and spot digests):
+    TokenShards for a text dataset, `ExampleShards` (TokenShards plus target masks) for a chat
+    or preference one. DataError if the dataset is not of `data.format`."""
+    kind = read_manifest(data.dir).get("kind", "text")
+    if kind != data.format:
+        raise DataError(
+            f"data.format is {data.format}, but data.dir = {data.dir} holds a {kind} dataset: "
+            f"prepare one with data.format = {data.format} in another data.dir, or set "
+            f"data.format = {kind}"
+        )
+    if kind == "text":
+        return TokenShards.open(data.dir, split)
+    from distrib.data.example_loader import ExampleShards  # it imports this module
+
+    return ExampleShards.open(data.dir, split)
+
+
 def build_loaders(
     data: DataConfig,
     training: TrainingConfig,
@@ -204,15 +231,21 @@ def build_loaders(
     dp_size: int,
     pin_memory: bool = False,
     train_shards: TokenShards | None = None,
-) -> tuple[TokenLoader, TokenLoader]:
+) -> tuple[TokenLoader | ExampleLoader, TokenLoader | ExampleLoader]:
     """The train loader and the (unshuffled) val loader over the dataset in `data.dir`, with
     batches in pinned memory if `pin_memory` (for a CUDA device). `train_shards`: the training
     split already opened (and checked), so that it is not opened and checked again.
 
     Val uses the training global batch when the split holds one, else the most full sequences
     it holds, rounded down to a multiple of micro batch x data-parallel size. Opening checks
-    the shards' sizes and spot digests.
+    the shards' sizes and spot digests. A chat or preference dataset (`data.format`) gets
+    `ExampleLoader`s, which have the same interface.
     """
+    train_shards = train_shards or open_split(data, "train")
+    if data.format != "text":
+        from distrib.data.example_loader import build_example_loaders
+
+        return build_example_loaders(data, training, dp_rank, dp_size, pin_memory, train_shards)
     common = {
         "seq_len": data.seq_len,
         "micro_batch_size": training.micro_batch_size,
@@ -222,11 +255,7 @@ def build_loaders(
         "document_ids": not data.cross_document_attention,
         "pin_memory": pin_memory,
     }
-    train = TokenLoader(
-        train_shards or TokenShards.open(data.dir, "train"),
-        global_batch_size=training.global_batch_size,
-        **common,
-    )
+    train = TokenLoader(train_shards, global_batch_size=training.global_batch_size, **common)
     val_shards = TokenShards.open(data.dir, "val")
     per_step = training.micro_batch_size * dp_size
     val_samples = max(val_shards.num_tokens - 1, 0) // data.seq_len

@@ -116,7 +116,12 @@ def prepare_dataset(
     corpus order. The folder appears (or replaces the old one) only once complete. A folder
     already made from the same recipe, and undamaged by the cheap check, is kept as it is unless
     `force`. Working folders that interrupted preparations left next to it are tidied first.
+    Chat and preference data (`cfg.format`) are prepared by `examples.prepare_examples`.
     """
+    if cfg.format != "text":
+        from distrib.data.examples import prepare_examples  # it imports this module
+
+        return prepare_examples(cfg, vocab_size, seed, log, force, max_shard_tokens)
     final = Path(cfg.dir)
     tidy_leftovers(final, log)
     if not force and is_up_to_date(cfg, vocab_size, seed, log):

@@ -4,7 +4,8 @@ An engine owns the model, optimizer and LR schedule; it runs a step over this ra
 micro-batches (forward, backward with accumulation, clipping, update), evaluates, and hands the
 checkpointer its state as `Stateful` objects. `NativeEngine` (FSDP2 / DDP / TP / PP on one mesh)
 and `DeepSpeedEngine` implement the same methods, so the loop has no branch on which engine
-runs. Both use `forward_loss`, `StepTimer` and `mean_over_ranks` from here.
+runs. Both use `StepTimer`, `mean_over_ranks` and the step of `StepEngine` from here; what a
+micro-batch's loss is comes from `distrib.engines.objectives`.
 
 Legend: B batch, L sequence, V vocabulary.
 """
@@ -21,9 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
-from distrib.models.loss import causal_lm_loss, compiled_causal_lm_loss
+from distrib.engines.objectives import Objective
 from distrib.parallel.expert import ExpertBalance
 
 
@@ -40,6 +40,7 @@ class StepResult:
     timings: dict[str, float] | None = None  # seconds per phase, on steps asked to be timed
     skipped: bool = False  # the update was not applied (`accept` refused it)
     local_loss: torch.Tensor | None = None  # this rank's own mean loss, to name failing ranks
+    metrics: dict[str, torch.Tensor] | None = None  # the objective's figures (DPO rewards)
 
 
 # Decides, from the step's global loss and gradient norm (the same on every rank), whether the
@@ -76,49 +77,20 @@ class Engine(Protocol):
         dense model). A collective: every rank calls it at the same step."""
         ...
 
+    def objective_metrics(self) -> dict[str, torch.Tensor]:
+        """The objective's figures since the last call (DPO rewards), means over all ranks.
+        A collective: every rank calls it at the same point."""
+        ...
+
+    def sequence_logps(self, batch: Batch) -> torch.Tensor:
+        """Per row of `batch`, the summed log-probabilities of its counted labels under the
+        current model, without gradients (the DPO reference pass)."""
+        ...
+
 
 def plain(t: torch.Tensor) -> torch.Tensor:
     """A loss as a plain tensor: under loss parallelism it is a replicated DTensor."""
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def forward_loss(
-    model: nn.Module,
-    batch: Batch,
-    device: torch.device,
-    loss_chunk_tokens: int = 0,
-    compiled: bool = False,
-) -> torch.Tensor:
-    """The mean next-token loss of `model` on one micro-batch moved to `device`.
-
-    With `loss_chunk_tokens > 0` the model computes the loss itself, its output head and
-    cross-entropy in chunks (see `Transformer.forward`); otherwise it returns logits and the
-    loss is taken here, by the compiled loss when `compiled`.
-    """
-    inputs = batch.inputs.to(device, non_blocking=True)
-    labels = batch.labels.to(device, non_blocking=True)
-    doc_ids = None if batch.doc_ids is None else batch.doc_ids.to(device, non_blocking=True)
-    if loss_chunk_tokens > 0:
-        return model(inputs, doc_ids, labels_BL=labels, loss_chunk_tokens=loss_chunk_tokens)
-    logits_BLV = model(inputs, doc_ids)
-    # Vocab-sharded logits (a DTensor under loss parallelism) take the eager loss, whose
-    # DTensor handlers the loss_parallel context installs.
-    if compiled and not isinstance(logits_BLV, DTensor):
-        return compiled_causal_lm_loss()(logits_BLV, labels)
-    return causal_lm_loss(logits_BLV, labels)
-
-
-def training_loss(
-    model: nn.Module, batch: Batch, device: torch.device, training: TrainingConfig
-) -> torch.Tensor:
-    """`forward_loss` with the training section's loss options (chunking, compiled loss)."""
-    return forward_loss(
-        model,
-        batch,
-        device,
-        loss_chunk_tokens=training.loss_chunk_tokens,
-        compiled=training.compile,
-    )
 
 
 class StepTimer:
@@ -154,6 +126,7 @@ class StepEngine:
     An engine provides `_accumulate`, `_update` and `_loss_ranks`."""
 
     device: torch.device
+    objective: Objective
     experts: ExpertBalance | None = None  # set where the model has MoE layers
 
     def _accumulate(self, batches: list[Batch]) -> torch.Tensor:
@@ -190,11 +163,24 @@ class StepEngine:
             timings=timer.timings(),
             skipped=not applied,
             local_loss=local,
+            metrics=self.objective_metrics(),
         )
 
     def expert_metrics(self) -> dict[str, Any]:
         """See `Engine.expert_metrics`."""
         return self.experts.metrics() if self.experts is not None else {}
+
+    def objective_metrics(self) -> dict[str, torch.Tensor]:
+        """See `Engine.objective_metrics`: one all-reduce of the [sum, count] pairs."""
+        sums = self.objective.take_metrics()
+        if not sums:
+            return {}
+        names = sorted(sums)
+        stacked = torch.stack([sums[n] for n in names])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stacked)
+        # Ranks that hold the same rows (tensor-parallel peers) scale sum and count alike.
+        return {n: stacked[i, 0] / stacked[i, 1].clamp(min=1) for i, n in enumerate(names)}
 
 
 def mean_over_ranks(loss: torch.Tensor, num_ranks: int) -> torch.Tensor:

@@ -4,11 +4,16 @@ cut into this rank's pipeline stages), materialized, and wrapped in the engine t
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
-from distrib.config import Config
+from torch import nn
+
+from distrib.config import Config, LoraConfig, ModelConfig
 from distrib.engines.base import Engine
 from distrib.engines.native import NativeEngine
+from distrib.engines.objectives import build_objective
 from distrib.models.build import build_on_meta
+from distrib.models.lora import apply_lora
 from distrib.parallel.dims import ParallelDims, dp_coordinate
 from distrib.parallel.expert import expert_balance
 from distrib.parallel.init import load_hf_weights, materialize
@@ -16,6 +21,29 @@ from distrib.parallel.parallelize import parallelize, uses_fsdp
 from distrib.parallel.pipeline import build_pipeline
 from distrib.parallel.tensor import loss_context
 from distrib.runtime import Runtime
+
+
+def load_initial_weights(parts: list[nn.Module], model: ModelConfig) -> None:
+    """Overwrite the materialized parts with the weights `model.init_from` names, if any: a
+    Hugging Face folder (`hf:PATH`) or a distrib run's checkpoint (`run:DIR[@STEP]`)."""
+    if model.init_from.startswith("hf:"):
+        load_hf_weights(parts, model.init_from.removeprefix("hf:"), model)
+    elif model.init_from.startswith("run:"):
+        from distrib.checkpoint.init_from import load_run_weights
+        from distrib.checkpoint.lora_base import refuse_lora_source
+
+        refuse_lora_source(model.init_from)
+        load_run_weights(parts, model.init_from)
+
+
+def adapt_and_parallelize(
+    model: nn.Module, lora: LoraConfig, parallelize_part: Callable[[nn.Module], None]
+) -> None:
+    """Give `model` (whole or a pipeline stage, on meta) its LoRA adapters, if `lora` asks for
+    them, then parallelize it: adapters exist before tensor parallelism shards them like the
+    layers they sit on, and before FSDP groups them with those layers."""
+    apply_lora(model, lora)
+    parallelize_part(model)
 
 
 def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
@@ -31,12 +59,16 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
     dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
     mesh = dims.build_mesh(runtime.device.type) if runtime.world_size > 1 else None
     apply = functools.partial(
-        parallelize,
-        dims=dims,
-        mesh=mesh,
-        parallel=cfg.parallel,
-        training=cfg.training,
-        device=runtime.device,
+        adapt_and_parallelize,
+        lora=cfg.lora,
+        parallelize_part=functools.partial(
+            parallelize,
+            dims=dims,
+            mesh=mesh,
+            parallel=cfg.parallel,
+            training=cfg.training,
+            device=runtime.device,
+        ),
     )
     loss_ctx = functools.partial(loss_context, dims.tp > 1 and cfg.parallel.loss_parallel)
     seed, pipeline = cfg.training.seed, None
@@ -58,8 +90,7 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
         apply(model)
         materialize(model, runtime.device, seed)
         parts = [model]
-    if cfg.model.init_from:
-        load_hf_weights(parts, cfg.model.init_from.removeprefix("hf:"), cfg.model)
+    load_initial_weights(parts, cfg.model)
     engine = NativeEngine(
         parts,
         cfg.training,
@@ -69,6 +100,7 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
         autocast=not uses_fsdp(dims),
         pp_group=mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None,
         num_loss_ranks=dims.dp * dims.tp,
+        objective=build_objective(cfg),
     )
     engine.experts = expert_balance(parts, cfg.model)
     dp_rank, dp_size = dp_coordinate(mesh) if mesh is not None else (0, 1)

@@ -15,7 +15,8 @@ from torch.distributed.tensor import DTensor
 from distrib.checkpoint.state import ModelState, OptimizerState, SchedulerState
 from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
-from distrib.engines.base import Accept, StepEngine, mean_over_ranks, plain, training_loss
+from distrib.engines.base import Accept, StepEngine, mean_over_ranks, plain
+from distrib.engines.objectives import Objective, TokenObjective
 from distrib.engines.optim import build_optimizer, build_scheduler
 from distrib.models.moe import set_aux_loss_scale
 from distrib.parallel.fsdp import set_gradient_sync
@@ -38,8 +39,10 @@ class NativeEngine(StepEngine):
         autocast: bool = True,
         pp_group: dist.ProcessGroup | None = None,
         num_loss_ranks: int = 1,
+        objective: Objective | None = None,
     ) -> None:
         self.parts = parts
+        self.objective = objective or TokenObjective(cfg)
         self.model = parts[0]
         self.cfg = cfg
         self.device = device
@@ -60,7 +63,16 @@ class NativeEngine(StepEngine):
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
         with self._autocast():
-            return training_loss(self.model, batch, self.device, self.cfg)
+            return self.objective.loss(self.model, batch, self.device)
+
+    @torch.no_grad()
+    def sequence_logps(self, batch: Batch) -> torch.Tensor:
+        """See `Engine.sequence_logps` (data-parallel layouts: the whole model on this rank)."""
+        from distrib.engines.objectives import DPOObjective
+
+        self.model.eval()
+        with self._autocast():
+            return DPOObjective.sequence_logps(self.model, batch, self.device)
 
     def _micro_step(self, batch: Batch, scale: float) -> torch.Tensor | None:
         """Forward and backward of one micro-batch; its mean loss where this rank has it."""
@@ -70,12 +82,13 @@ class NativeEngine(StepEngine):
             inputs = batch.inputs.to(self.device, non_blocking=True) if p.has_first else None
             labels = batch.labels.to(self.device, non_blocking=True) if p.has_last else None
             with self._autocast():
-                loss = p.step(inputs, labels, loss_scale=scale)
+                loss = p.step(inputs, labels, loss_scale=scale, denominator=batch.loss_denominator)
             return loss
         set_aux_loss_scale(self.parts, scale)
         with self.loss_context():
-            # Every micro-batch holds the same number of tokens, so scaling each backward by
-            # 1/n accumulates the gradient of the step's mean loss.
+            # Every micro-batch holds the same number of tokens (or divides its sum by the
+            # step's mean count, `Batch.loss_denominator`), so scaling each backward by 1/n
+            # accumulates the gradient of the step's mean loss.
             loss = self._forward_loss(batch)
             (loss * scale).backward()
         loss = plain(loss.detach())
@@ -138,7 +151,7 @@ class NativeEngine(StepEngine):
                 inputs = batch.inputs.to(self.device) if p.has_first else None
                 labels = batch.labels.to(self.device) if p.has_last else None
                 with self._autocast():
-                    loss = p.eval_step(inputs, labels)
+                    loss = p.eval_step(inputs, labels, batch.loss_denominator)
             else:
                 with self.loss_context():
                     loss = plain(self._forward_loss(batch))
@@ -153,10 +166,14 @@ class NativeEngine(StepEngine):
         """Weights, optimizer moments and LR schedule as DCP `Stateful` objects: each rank
         writes its own shards, and any layout can load them back."""
         return {
-            "model": ModelState(self.parts),
+            # Frozen parameters (a LoRA run's base) are rebuilt from model.init_from: not saved.
+            "model": ModelState(self.parts, trainable_only=self._has_frozen()),
             "optimizer": OptimizerState(self.parts, self.optimizers),
             "scheduler": SchedulerState(self.schedulers),
         }
+
+    def _has_frozen(self) -> bool:
+        return any(not p.requires_grad for part in self.parts for p in part.parameters())
 
 
 def _by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -13,16 +13,19 @@ from distrib.config import TrainingConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
-    """Decay matrices (linear weights, embeddings); never norms or biases (1-D tensors)."""
+    """Decay matrices (linear weights, embeddings); never norms or biases (1-D tensors).
+    Frozen parameters (a LoRA run's base) are left out, and so is a group left empty (LoRA
+    adapters are all matrices): DCP's flattened optimizer state cannot name an empty group."""
     decay, no_decay = [], []
     for param in model.parameters():  # parameters() yields a tied weight once
         if not param.requires_grad:
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:

@@ -28,10 +28,25 @@ IGNORE_INDEX = -100
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def causal_lm_loss(logits_BLV: Tensor, labels_BL: Tensor) -> Tensor:
-    """Mean next-token cross-entropy, computed in float32 whatever the compute dtype."""
+def causal_lm_loss(
+    logits_BLV: Tensor, labels_BL: Tensor, denominator: float | None = None
+) -> Tensor:
+    """Next-token cross-entropy in float32 whatever the compute dtype: the mean over the counted
+    labels, or their sum divided by `denominator` when given (see `Batch.loss_denominator`)."""
+    if denominator is not None:
+        return causal_lm_loss_sum(logits_BLV, labels_BL) / denominator
     return F.cross_entropy(
         logits_BLV.float().flatten(0, 1), labels_BL.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def causal_lm_loss_sum(logits_BLV: Tensor, labels_BL: Tensor) -> Tensor:
+    """Summed next-token cross-entropy of the counted labels, in float32."""
+    return F.cross_entropy(
+        logits_BLV.float().flatten(0, 1),
+        labels_BL.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -46,6 +61,24 @@ def compiled_causal_lm_loss() -> LossFn:
     return torch.compile(causal_lm_loss, dynamic=False)
 
 
+@functools.cache
+def compiled_causal_lm_loss_sum() -> LossFn:
+    """`causal_lm_loss_sum` under torch.compile: the denominator is divided outside, so a new
+    label count each step does not recompile."""
+    return torch.compile(causal_lm_loss_sum, dynamic=False)
+
+
+def sequence_logps(logits_BLV: Tensor, labels_BL: Tensor) -> Tensor:
+    """Per sequence, the float32 sum of the log-probabilities of its counted labels: `[B]`.
+
+    What preference losses compare: log pi(response | prompt) with the prompt and the padding
+    labelled IGNORE_INDEX."""
+    logps_BLV = torch.log_softmax(logits_BLV.float(), dim=-1)
+    counted_BL = labels_BL != IGNORE_INDEX
+    picked_BL = logps_BLV.gather(-1, labels_BL.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked_BL * counted_BL).sum(-1)
+
+
 def _chunk_loss_sum(h_CD: Tensor, weight_VD: Tensor, labels_C: Tensor) -> Tensor:
     """Summed float32 cross-entropy of one chunk: logits in the compute dtype, then upcast."""
     logits_CV = F.linear(h_CD, weight_VD)
@@ -53,12 +86,18 @@ def _chunk_loss_sum(h_CD: Tensor, weight_VD: Tensor, labels_C: Tensor) -> Tensor
 
 
 def chunked_causal_lm_loss(
-    h_BLD: Tensor, weight_VD: Tensor, labels_BL: Tensor, chunk_tokens: int
+    h_BLD: Tensor,
+    weight_VD: Tensor,
+    labels_BL: Tensor,
+    chunk_tokens: int,
+    denominator: float | None = None,
 ) -> Tensor:
-    """`causal_lm_loss(h_BLD @ weight_VD.T, labels_BL)`, in chunks of `chunk_tokens` tokens.
+    """`causal_lm_loss(h_BLD @ weight_VD.T, labels_BL, denominator)`, in chunks of
+    `chunk_tokens` tokens.
 
     Equal to the plain loss (and so are its gradients) up to float rounding: each chunk's
-    summed loss is added up and divided by the number of counted labels, as the mean does.
+    summed loss is added up and divided by the number of counted labels, as the mean does (or
+    by `denominator`).
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be > 0, got {chunk_tokens}")
@@ -70,5 +109,7 @@ def chunked_causal_lm_loss(
         # logits exist at a time there too. torch's checkpoint does the recompute (and restores
         # autocast), so no hand-written autograd.Function has to get the gradients right.
         total = total + checkpoint(_chunk_loss_sum, h_CD, weight_VD, labels_C, use_reentrant=False)
+    if denominator is not None:
+        return total / denominator
     # The mean's denominator: every label that is not ignored (all of them for real token ids).
     return total / (labels_T != IGNORE_INDEX).sum()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from distrib.config import ModelConfig
 from distrib.config.families import is_moe_layer, resolved_head_dim
 from distrib.models.attention import attention, document_segments
+from distrib.models.lora import lora_a_initial
 from distrib.models.loss import causal_lm_loss, chunked_causal_lm_loss
 from distrib.models.moe import MoE
 from distrib.models.rope import apply_rope, model_rope_cache
@@ -211,10 +212,12 @@ class Transformer(nn.Module):
         RMSNorm scales are one; other weights are normal(init_std), the projections that write
         into the residual stream (wo, w2) scaled by 1/sqrt(2 * n_layers) so the stream's
         variance does not grow with depth. The generator is seeded from `seed` and `name`.
+        LoRA adapters (distrib.models.lora): `lora_a` kaiming-uniform, `lora_b` zero, so the
+        adapted model starts as its base.
         """
         if name.endswith("norm.weight"):
             return torch.ones(shape, device=device)
-        if name.endswith(".bias"):
+        if name.endswith((".bias", ".lora_b")):
             return torch.zeros(shape, device=device)
         std = self.cfg.init_std
         if name.endswith(_RESIDUAL_WRITERS):
@@ -223,6 +226,8 @@ class Transformer(nn.Module):
         generator = torch.Generator(device=device).manual_seed(
             int.from_bytes(digest[:8], "big") >> 1
         )
+        if name.endswith(".lora_a"):
+            return lora_a_initial(shape, device, generator)
         return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
 
     def _is_tied(self) -> bool:
@@ -235,6 +240,7 @@ class Transformer(nn.Module):
         doc_ids_BL: Tensor | None = None,
         labels_BL: Tensor | None = None,
         loss_chunk_tokens: int = 0,
+        loss_denominator: float | None = None,
     ) -> Tensor:
         """Logits `[B, L, V]` in the compute dtype; with `labels_BL`, the mean loss instead.
 
@@ -243,7 +249,8 @@ class Transformer(nn.Module):
         tokens, non-decreasing along L) confines attention to each token's own document; RoPE
         positions are not reset per document, since attention only sees relative positions.
 
-        Given `labels_BL`, the float32 mean next-token cross-entropy is returned, computed here
+        Given `labels_BL`, the float32 mean next-token cross-entropy is returned (the sum over
+        `loss_denominator` when given, see `causal_lm_loss`), computed here
         rather than by the caller because under FSDP2 the output weight is whole only inside
         this forward. With `loss_chunk_tokens > 0` the output head and loss run that many tokens
         at a time (recomputed in backward), so the full float32 logits never exist at once.
@@ -263,8 +270,10 @@ class Transformer(nn.Module):
         if labels_BL is None:
             return self.output(h_BLD)
         if loss_chunk_tokens > 0:
-            return chunked_causal_lm_loss(h_BLD, self.output.weight, labels_BL, loss_chunk_tokens)
-        return causal_lm_loss(self.output(h_BLD), labels_BL)
+            return chunked_causal_lm_loss(
+                h_BLD, self.output.weight, labels_BL, loss_chunk_tokens, loss_denominator
+            )
+        return causal_lm_loss(self.output(h_BLD), labels_BL, loss_denominator)
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from distrib.config import ModelConfig
 from distrib.errors import CheckpointError
 from distrib.models.hf import open_hf_folder, read_tensor
+from distrib.models.lora import is_adapter
 from distrib.models.transformer import Transformer
 
 # Wrappers that insert a path segment into parameter names (activation checkpointing,
@@ -57,11 +58,14 @@ def load_full_tensors(parts: list[nn.Module], tensor_of: Callable[[str], Tensor]
 
     Every rank reads the same full tensor, so `src_data_rank=None` cuts the local slice without
     a scatter, as `materialize` does for initial values. Parameters stay the same objects, so an
-    optimizer built afterwards sees the loaded values. A tied weight appears once.
+    optimizer built afterwards sees the loaded values. A tied weight appears once. LoRA adapters
+    are left as they are: a base model has none.
     """
     for part in parts:
         for name, param in part.named_parameters():
             key = clean_name(name)  # activation checkpointing / compile insert path segments
+            if is_adapter(key):
+                continue
             try:
                 full = tensor_of(key)
             except KeyError:

@@ -37,10 +37,15 @@ def parallelize(
     """
     if training.float8:
         apply_float8(model, device, tp=dims.tp)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], parallel.loss_parallel)
     if dims.ep > 1:
         apply_ep(model, mesh["ep"])
+    # Both re-create parameters as DTensors, and torch's SequenceParallel does not carry
+    # requires_grad over: refreeze what was frozen (a LoRA model's base) before FSDP wraps it.
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
     apply_ac(model, parallel.activation_checkpoint, parallel.activation_memory_budget)
     if training.compile:
         apply_compile(model)

@@ -88,15 +88,17 @@ def build_stage(
 
 
 class _ScaledLoss:
-    """The schedule's loss function: mean cross-entropy of one pipeline micro-batch, scaled for
-    backward; the unscaled values are recorded for reporting."""
+    """The schedule's loss function: mean cross-entropy of one pipeline micro-batch (or its sum
+    over the training micro-batch's `denominator`), scaled for backward; the unscaled values
+    are recorded for reporting."""
 
     def __init__(self) -> None:
         self.scale = 1.0
+        self.denominator: float | None = None
         self.values: list[Tensor] = []
 
     def __call__(self, logits_BLV: Tensor, labels_BL: Tensor) -> Tensor:
-        loss = causal_lm_loss(logits_BLV, labels_BL)
+        loss = causal_lm_loss(logits_BLV, labels_BL, self.denominator)
         value = loss.detach()
         # Under loss parallelism the loss is a replicated DTensor; report a plain tensor.
         self.values.append(value.full_tensor() if isinstance(value, DTensor) else value)
@@ -126,19 +128,29 @@ class Pipeline:
         self._inferred = False
 
     def step(
-        self, inputs_BL: Tensor | None, labels_BL: Tensor | None, loss_scale: float = 1.0
+        self,
+        inputs_BL: Tensor | None,
+        labels_BL: Tensor | None,
+        loss_scale: float = 1.0,
+        denominator: float | None = None,
     ) -> Tensor | None:
         """Forward and backward over one training micro-batch, accumulating into `.grad`.
 
-        Gradients are those of `loss_scale * mean loss` over the micro-batch's sequences; the
-        mean loss comes back, detached, on the rank holding the last stage (None elsewhere).
-        Inputs are read only where the first stage lives, labels only where the last does.
+        Gradients are those of `loss_scale * mean loss` over the micro-batch's sequences (with
+        `denominator`, of the summed loss over it: see `Batch.loss_denominator`); that loss
+        comes back, detached, on the rank holding the last stage (None elsewhere). Inputs are
+        read only where the first stage lives, labels only where the last does.
         """
-        return self._run(self.schedule.step, inputs_BL, labels_BL, loss_scale)
+        return self._run(self.schedule.step, inputs_BL, labels_BL, loss_scale, denominator)
 
-    def eval_step(self, inputs_BL: Tensor | None, labels_BL: Tensor | None) -> Tensor | None:
-        """Forward only: the mean loss over the micro-batch on the last-stage rank, else None."""
-        return self._run(self.schedule.eval, inputs_BL, labels_BL, 1.0)
+    def eval_step(
+        self,
+        inputs_BL: Tensor | None,
+        labels_BL: Tensor | None,
+        denominator: float | None = None,
+    ) -> Tensor | None:
+        """Forward only: the micro-batch's loss on the last-stage rank, else None."""
+        return self._run(self.schedule.eval, inputs_BL, labels_BL, 1.0, denominator)
 
     def _run(
         self,
@@ -146,12 +158,15 @@ class Pipeline:
         inputs_BL: Tensor | None,
         labels_BL: Tensor | None,
         loss_scale: float,
+        denominator: float | None = None,
     ) -> Tensor | None:
         if self.has_first and inputs_BL is None:
             raise ValueError("this rank holds the first pipeline stage: pass the input tokens")
         if self.has_last and labels_BL is None:
             raise ValueError("this rank holds the last pipeline stage: pass the labels")
-        self._loss_fn.scale = loss_scale / self.n_microbatches
+        # A mean per pipeline micro-batch is averaged over them; sums over one denominator add.
+        self._loss_fn.scale = loss_scale if denominator else loss_scale / self.n_microbatches
+        self._loss_fn.denominator = denominator
         self._loss_fn.values.clear()
         # Contiguous: torch 2.11 records a model input's metadata through .to("meta"), which
         # drops a view's strides, then checks each micro-batch's strides against it, so the
@@ -173,9 +188,9 @@ class Pipeline:
         if not self.has_last:
             return None
         # The last n: on its first step torch may call the loss once more to infer shapes.
-        values = self._loss_fn.values[-self.n_microbatches :]
+        values = torch.stack(self._loss_fn.values[-self.n_microbatches :])
         self._loss_fn.values.clear()
-        return torch.stack(values).mean()
+        return values.sum() if denominator else values.mean()
 
 
 def build_pipeline(

@@ -13,18 +13,25 @@ What flows between modules under this plan (local tensors unless said otherwise)
   else a plain full [B, L, V] tensor.
 A pipeline stage therefore sends and receives its rank's local [B, L/tp, D] sequence shard.
 
+LoRA adapters (distrib.models.lora) are sharded like their base layer, so the adapter path's
+output has the base output's layout and the two add up before the output hook: on a colwise
+layer A is whole and B split by output rows (x @ A^T is replicated, @ B^T sharded on the last
+dim); on a rowwise layer A is split by input columns and B whole (x @ A^T is a partial sum, and
+so is @ B^T, reduced together with the base layer's partial output).
+
 Legend: B batch, L sequence, D model dim, V vocab.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -35,8 +42,55 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.parallel import loss_parallel as _loss_parallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
+from torch.distributed.tensor.placement_types import Placement
 
 from distrib.models.moe import moe_layers
+
+_ADAPTERS = ("lora_a", "lora_b")
+
+
+def _shard_adapters(
+    style: ParallelStyle,
+    module: nn.Module,
+    mesh: DeviceMesh,
+    placements: dict[str, Placement],
+    partition: Callable[[], None],
+) -> None:
+    # Take the adapters out while torch's partition function shards the base weight (colwise
+    # would shard every parameter it finds on dim 0), then put them back as DTensors. The
+    # function is the styles' `_partition_linear_fn`: private, but the same through torch 2.x.
+    adapters = {name: getattr(module, name) for name in _ADAPTERS if hasattr(module, name)}
+    for name in adapters:
+        delattr(module, name)
+    partition()
+    src = getattr(style, "src_data_rank", 0)  # a ParallelStyle attribute since torch 2.6
+    for name, param in adapters.items():
+        shard = distribute_tensor(param, mesh, [placements[name]], src_data_rank=src)
+        module.register_parameter(name, nn.Parameter(shard, requires_grad=param.requires_grad))
+
+
+class AdapterColwiseParallel(ColwiseParallel):
+    """ColwiseParallel that also shards a LoRA layer's adapters: lora_a whole, lora_b by
+    output rows (as the weight). The same as ColwiseParallel on a plain nn.Linear."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        placements: dict[str, Placement] = {"lora_a": Replicate(), "lora_b": Shard(0)}
+        partition = super()._partition_linear_fn
+        _shard_adapters(
+            self, module, device_mesh, placements, lambda: partition(name, module, device_mesh)
+        )
+
+
+class AdapterRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel that also shards a LoRA layer's adapters: lora_a by input columns (as
+    the weight), lora_b whole. The same as RowwiseParallel on a plain nn.Linear."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
+        placements: dict[str, Placement] = {"lora_a": Shard(1), "lora_b": Replicate()}
+        partition = super()._partition_linear_fn
+        _shard_adapters(
+            self, module, device_mesh, placements, lambda: partition(name, module, device_mesh)
+        )
 
 
 def _moe_plan() -> dict[str, ParallelStyle]:
@@ -66,10 +120,10 @@ def _block_plan(moe: bool = False) -> dict[str, ParallelStyle]:
             input_layouts=(Shard(1), None, None, None),
             desired_input_layouts=(Replicate(), None, None, None),
         ),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "attention.wq": AdapterColwiseParallel(),
+        "attention.wk": AdapterColwiseParallel(),
+        "attention.wv": AdapterColwiseParallel(),
+        "attention.wo": AdapterRowwiseParallel(output_layouts=Shard(1)),
         "ffn_norm": SequenceParallel(),
     }
     if moe:
@@ -79,9 +133,9 @@ def _block_plan(moe: bool = False) -> dict[str, ParallelStyle]:
         "feed_forward": PrepareModuleInput(
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
         ),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w1": AdapterColwiseParallel(),
+        "feed_forward.w2": AdapterRowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": AdapterColwiseParallel(),
     }
 
 
@@ -119,7 +173,7 @@ def tp_plan(model: nn.Module, loss_parallel: bool) -> dict[str, ParallelStyle]:
     if getattr(model, "output", None) is not None:
         # With loss_parallel the logits stay vocab-sharded (a DTensor) and the cross-entropy
         # reduces over the shards, so the [B, L, V] logits are never gathered.
-        plan["output"] = ColwiseParallel(
+        plan["output"] = AdapterColwiseParallel(
             input_layouts=Shard(1),
             output_layouts=Shard(-1) if loss_parallel else Replicate(),
             use_local_output=not loss_parallel,

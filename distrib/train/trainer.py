@@ -15,13 +15,14 @@ import torch
 
 from distrib import checkpoint as ckpt
 from distrib.config import Config, DataConfig, ModelConfig, to_dict
-from distrib.data.loader import TokenLoader, build_loaders
+from distrib.data.loader import Batch, TokenLoader, build_loaders
 from distrib.data.shards import TokenShards
 from distrib.data.verify import report_leftovers
 from distrib.engines.base import Engine, StepResult
 from distrib.engines.build import build_engine
 from distrib.errors import ConfigError, TrainingDiverged
 from distrib.models.build import build_on_meta
+from distrib.models.lora import apply_lora
 from distrib.models.transformer import num_params
 from distrib.runtime import Runtime, seed_everything
 from distrib.train.faults import Faults
@@ -42,13 +43,16 @@ from distrib.train.stragglers import StragglerMonitor
 def check_dataset(
     data: DataConfig, model: ModelConfig, report: Callable[[str], None] | None = None
 ) -> TokenShards:
-    """Open (and spot-check) the prepared training split and check the model can embed its
+    """Open (and spot-check) the prepared training split, check it is of `data.format` (text,
+    or chat / preference examples: then an `ExampleShards`) and that the model can embed its
     vocabulary; runs before any process group or model exists, so a mismatch costs nothing.
     With `report` (one rank), working folders that interrupted preparations left next to the
     dataset are reported there, never removed: a preparation may still be running."""
+    from distrib.data.loader import open_split
+
     if report is not None:
         report_leftovers(data.dir, report)
-    shards = TokenShards.open(Path(data.dir), "train")
+    shards = open_split(data, "train")
     if shards.vocab_size > model.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -64,8 +68,9 @@ def build_data(
     pin_memory: bool = False,
     train_shards: TokenShards | None = None,
 ) -> tuple[TokenLoader, TokenLoader]:
-    """This rank's training and validation loaders; `pin_memory` for a CUDA device, so the
-    copies of its batches to the device overlap with compute."""
+    """This rank's training and validation loaders (`ExampleLoader`s, same interface, for chat
+    and preference data); `pin_memory` for a CUDA device, so the copies of its batches to the
+    device overlap with compute."""
     return build_loaders(cfg.data, cfg.training, dp_rank, dp_size, pin_memory, train_shards)
 
 
@@ -117,6 +122,8 @@ class Trainer:
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         # What the progress bar shows until the first logged step: no loss rather than "nan".
         self._shown: tuple[float | None, float, float | None] = (None, cfg.training.lr, None)
+        self.val_metrics: dict[str, float] = {}  # the objective's figures at the last evaluation
+        self._targets: dict[str, float] = {}  # this step's supervised-token count (SFT)
 
     @property
     def step(self) -> int:
@@ -159,10 +166,18 @@ class Trainer:
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
         # Generation and export need the tokenizer even if the dataset folder moves later.
         shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        # And the chat template of fine-tuning data: generate --chat and export render with it.
+        template = Path(self.cfg.data.dir) / "chat_template.jinja"
+        if template.is_file():
+            shutil.copyfile(template, self.run_dir / template.name)
         cfg = self.cfg
-        n = num_params(build_on_meta(cfg.model))
+        model = build_on_meta(cfg.model)
+        n = num_params(model)
         idle = idle_expert_params(cfg.model)
         active = f" ({(n - idle) / 1e6:.2f}M active)" if idle else ""
+        if apply_lora(model, cfg.lora):
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            active += f", {trainable / 1e6:.3f}M trainable (LoRA rank {cfg.lora.rank})"
         log.write(
             f"model: {n / 1e6:.2f}M parameters{active}, "
             f"{flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.1f} MFLOP/token; "
@@ -175,12 +190,40 @@ class Trainer:
         self.val_loader.reset()
         steps = min(self.cfg.training.eval_steps, self.val_loader.steps_per_epoch)
         losses = [self.engine.eval_loss(self.val_loader.next_step()) for _ in range(steps)]
+        self.val_metrics = {
+            f"val_{name}": float(value) for name, value in self.engine.objective_metrics().items()
+        }
         return float(torch.stack(losses).mean())
+
+    def _attach_reference(self, report: Callable[[str], None]) -> None:
+        """DPO: the starting model's log-probabilities of every pair, read back or computed
+        now, before any checkpoint replaces the starting weights (`distrib.train.reference`)."""
+        from distrib.train import reference
+
+        cfg = self.cfg
+        recipe = {
+            "dataset": reference.dataset_digest(cfg.data.dir),
+            "init_from": cfg.model.init_from,
+        }
+        tables = reference.load_or_compute(
+            self.run_dir / reference.REFERENCE_FILE,
+            recipe,
+            {"train": self.train_loader, "val": self.val_loader},
+            self.engine,
+            self.dp_rank,
+            self.dp_size,
+            self.runtime.is_main,
+            report,
+        )
+        self.train_loader = reference.WithReference(self.train_loader, tables["train"])
+        self.val_loader = reference.WithReference(self.val_loader, tables["val"])
 
     def _resume_and_open_log(self) -> MetricsLogger:
         """Resume (reporting damaged checkpoints passed over), then open the metrics log at
         the step reached and write the run folder's config and tokenizer."""
         notes: list[str] = []
+        if self.cfg.training.objective == "dpo":
+            self._attach_reference(notes.append)
         resumed = self.resume(notes.append)
         log = MetricsLogger(
             self.cfg.metrics,
@@ -220,6 +263,7 @@ class Trainer:
             while self.step < last:
                 step_start = time.perf_counter()
                 batches = self.train_loader.next_step()
+                self._targets = self._target_tokens(batches)
                 self.faults.record_samples(self.step + 1, batches)
                 self.faults.sleep()
                 ready_at = time.time()  # wall clock: compared across ranks (see stragglers.py)
@@ -250,6 +294,15 @@ class Trainer:
             log.close()
             self.run_folder.release()
         return record
+
+    def _target_tokens(self, batches: list[Batch]) -> dict[str, float]:
+        """SFT: the step's supervised (assistant) tokens over the whole global batch, which is
+        what its loss averages over (every micro-batch carries count x micro / global)."""
+        denominator = batches[0].loss_denominator if batches else None
+        if denominator is None:
+            return {}
+        t = self.cfg.training
+        return {"target_tokens": round(denominator * t.global_batch_size / t.micro_batch_size)}
 
     def _refused(self, result: StepResult, log: MetricsLogger) -> bool:
         """React to an update the guard refused, as `training.on_nonfinite` says; True when
@@ -334,6 +387,8 @@ class Trainer:
                 **times.read(),
                 **(result.timings or {}),
                 **self.engine.expert_metrics(),
+                **{name: float(value) for name, value in (result.metrics or {}).items()},
+                **self._targets,
                 "elapsed_s": time.perf_counter() - start,
             }
             if lagging:
@@ -349,6 +404,7 @@ class Trainer:
                 with meter.paused():
                     val_loss = self.evaluate()
                 record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                record.update(self.val_metrics)
                 log.write(f"step {step}: val_loss {val_loss:.4f} (ppl {record['val_ppl']:.1f})")
             log.log(record)
         log.progress(step, *self._shown)

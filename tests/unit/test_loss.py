@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import distrib.engines.base as engine_mod
+import distrib.engines.objectives as objectives_mod
 from distrib.data.loader import Batch
 from distrib.models.loss import (
     causal_lm_loss,
@@ -204,11 +204,11 @@ def test_forward_loss_takes_the_compiled_loss_or_the_model_s_chunks(
         calls.append(1)
         return compiled_causal_lm_loss()
 
-    monkeypatch.setattr(engine_mod, "compiled_causal_lm_loss", counting)
+    monkeypatch.setattr(objectives_mod, "compiled_causal_lm_loss", counting)
     got = {
-        "plain": engine_mod.forward_loss(model, batch, cpu),
-        "compiled": engine_mod.forward_loss(model, batch, cpu, compiled=True),
-        "chunked": engine_mod.forward_loss(model, batch, cpu, loss_chunk_tokens=7),
+        "plain": objectives_mod.forward_loss(model, batch, cpu),
+        "compiled": objectives_mod.forward_loss(model, batch, cpu, compiled=True),
+        "chunked": objectives_mod.forward_loss(model, batch, cpu, loss_chunk_tokens=7),
     }
     assert len(calls) == 1  # only the compiled call; chunking keeps the head eager
     for name, loss in got.items():

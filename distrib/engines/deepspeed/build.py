@@ -10,30 +10,34 @@ import torch.distributed as dist
 from torch import nn
 
 from distrib.config import Config, ParallelConfig
+from distrib.engines.build import load_initial_weights
 from distrib.engines.deepspeed.config import effective_config, offloads_optimizer, zero_stage
 from distrib.engines.deepspeed.engine import DeepSpeedEngine
 from distrib.engines.deepspeed.env import init_distributed
 from distrib.engines.deepspeed.gate import UpdateGate, build_optimizer, install_gate
+from distrib.engines.objectives import build_objective
 from distrib.engines.optim import build_scheduler
 from distrib.models.build import build_on_meta
+from distrib.models.lora import apply_lora
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
 from distrib.parallel.dims import ParallelDims
 from distrib.parallel.expert import expert_balance
-from distrib.parallel.init import load_hf_weights, materialize
+from distrib.parallel.init import materialize
 from distrib.runtime import Runtime, import_deepspeed
 
 
 def build_deepspeed_model(cfg: Config, device: torch.device) -> nn.Module:
-    """The whole model as the native engine starts it: on meta, activation checkpointing and
-    compile applied, then materialized on `device` with the seed's initial values."""
+    """The whole model as the native engine starts it: on meta, LoRA adapters (if any),
+    activation checkpointing and compile applied, then materialized on `device` with the seed's
+    initial values, and the `model.init_from` weights loaded."""
     model = build_on_meta(cfg.model)
+    apply_lora(model, cfg.lora)
     apply_ac(model, cfg.parallel.activation_checkpoint, cfg.parallel.activation_memory_budget)
     if cfg.training.compile:
         apply_compile(model)
     materialize(model, device, cfg.training.seed)
-    if cfg.model.init_from:
-        load_hf_weights([model], cfg.model.init_from.removeprefix("hf:"), cfg.model)
+    load_initial_weights([model], cfg.model)
     return model
 
 
@@ -72,7 +76,13 @@ def build_deepspeed_engine(cfg: Config, runtime: Runtime) -> tuple[DeepSpeedEngi
         dist_init_required=False,
     )
     engine = DeepSpeedEngine(
-        ds, scheduler, gate, runtime.device, dist.get_rank(), training=cfg.training
+        ds,
+        scheduler,
+        gate,
+        runtime.device,
+        dist.get_rank(),
+        training=cfg.training,
+        objective=build_objective(cfg),
     )
     engine.experts = expert_balance([engine.model], cfg.model)
     return engine, dist.get_rank(), dp_size

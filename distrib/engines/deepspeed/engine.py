@@ -20,8 +20,9 @@ from torch import nn
 from distrib.checkpoint.deepspeed import DeepSpeedState
 from distrib.config import TrainingConfig
 from distrib.data.loader import Batch
-from distrib.engines.base import Accept, StepEngine, mean_over_ranks, training_loss
+from distrib.engines.base import Accept, StepEngine, mean_over_ranks
 from distrib.engines.deepspeed.gate import UpdateGate
+from distrib.engines.objectives import DPOObjective, Objective, TokenObjective
 from distrib.models.moe import set_aux_loss_scale
 
 
@@ -36,8 +37,10 @@ class DeepSpeedEngine(StepEngine):
         device: torch.device,
         rank: int,
         training: TrainingConfig,
+        objective: Objective | None = None,
     ) -> None:
         self.ds = ds
+        self.objective = objective or TokenObjective(training)
         self.training = training  # for the loss: chunking and compile
         self.model: nn.Module = ds.module
         self.scheduler = scheduler
@@ -49,7 +52,13 @@ class DeepSpeedEngine(StepEngine):
         self._own_norm = not hasattr(ds.optimizer, "_global_grad_norm")
 
     def _forward_loss(self, batch: Batch) -> torch.Tensor:
-        return training_loss(self.ds, batch, self.device, self.training)
+        return self.objective.loss(self.ds, batch, self.device)
+
+    @torch.no_grad()
+    def sequence_logps(self, batch: Batch) -> torch.Tensor:
+        """See `Engine.sequence_logps`."""
+        self.ds.eval()
+        return DPOObjective.sequence_logps(self.ds, batch, self.device)
 
     def _accumulate(self, batches: list[Batch]) -> torch.Tensor:
         # DeepSpeed scales each backward by 1/accumulation and reduces at the boundary.
