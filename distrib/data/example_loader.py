@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from distrib.config import DataConfig, TrainingConfig
-from distrib.config.rules import accumulation_steps
-from distrib.data.loader import Batch, pinned
+from distrib.data.loader import Batch, SampleOrder, pinned
 from distrib.data.shards import TokenShards, damage_error, full_digest
 from distrib.errors import DataError
 from distrib.models.loss import IGNORE_INDEX
@@ -109,9 +108,13 @@ def _too_small(split: str, what: str, samples: int, needed: int) -> DataError:
     )
 
 
-class ExampleLoader:
+class ExampleLoader(SampleOrder):
     """Deterministic, resumable batches of one split of a chat or preference dataset for
     data-parallel rank `dp_rank`; the interface of `TokenLoader`."""
+
+    ORDER_KEYS = (
+        "the dataset, data.seq_len, data.packing, training.global_batch_size or training.seed"
+    )
 
     def __init__(
         self,
@@ -126,25 +129,21 @@ class ExampleLoader:
         packing: str = "pack",
         pin_memory: bool = False,
     ) -> None:
-        if seq_len <= 0 or micro_batch_size <= 0 or global_batch_size <= 0:
-            raise ValueError("seq_len, global_batch_size and micro_batch_size must be positive")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size={dp_size})")
+        super().__init__(
+            seq_len,
+            global_batch_size,
+            micro_batch_size,
+            dp_rank,
+            dp_size,
+            seed,
+            shuffle,
+            pin_memory,
+        )
         if packing not in ("pack", "pad"):
             raise ValueError(f"unknown packing '{packing}': valid pack, pad")
-        accumulation_steps(global_batch_size, micro_batch_size, dp_size)
         self.shards = shards
-        self.seq_len = seq_len
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.seed = seed
-        self.shuffle = shuffle
         self.kind = shards.kind
         self.packing = packing if self.kind == "chat" else "pad"  # pairs are always padded
-        # Batches in page-locked memory, so that .to(cuda, non_blocking=True) is asynchronous.
-        self.pin_memory = pin_memory
         longest = int(shards.lengths.max(initial=1)) - 1
         if longest > seq_len:
             raise DataError(
@@ -159,35 +158,6 @@ class ExampleLoader:
         if self.num_samples < global_batch_size:
             what = "pairs" if self.kind == "preference" else f"rows ({self.packing})"
             raise _too_small(shards.split, what, self.num_samples, global_batch_size)
-        self.epoch = 0
-        self.batch_index = 0  # next global batch within the epoch
-        self._perm_epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Full global batches per epoch (a trailing partial batch is dropped)."""
-        return self.num_samples // self.global_batch_size
-
-    @property
-    def grad_accum_steps(self) -> int:
-        """Micro-batches per optimizer step on this rank."""
-        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
-
-    def _permutation(self) -> np.ndarray:
-        if self._perm_epoch != self.epoch:  # one permutation per epoch, kept until it rolls over
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch])
-                self._perm = rng.permutation(self.num_samples)
-            else:
-                self._perm = np.arange(self.num_samples)
-            self._perm_epoch = self.epoch
-        return self._perm
-
-    def global_batch_samples(self) -> np.ndarray:
-        """Sample ids of the next global batch (all ranks), without advancing."""
-        g = self.global_batch_size
-        return self._permutation()[self.batch_index * g : (self.batch_index + 1) * g]
 
     def next_step(self) -> list[Batch]:
         """This rank's micro-batches for the next optimizer step; advances the loader."""
@@ -196,15 +166,12 @@ class ExampleLoader:
         if self.kind == "chat":
             counted = int(self._row_targets[samples].sum())
             denominator = max(counted, 1) * self.micro_batch_size / self.global_batch_size
-        per_rank = self.global_batch_size // self.dp_size
-        mine = samples[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        mine = self.rank_samples(samples)
         batches = [
             self.batch_of(mine[i : i + self.micro_batch_size], denominator)
-            for i in range(0, per_rank, self.micro_batch_size)
+            for i in range(0, len(mine), self.micro_batch_size)
         ]
-        self.batch_index += 1
-        if self.batch_index == self.steps_per_epoch:
-            self.epoch, self.batch_index = self.epoch + 1, 0
+        self.advance()
         return batches
 
     def batch_of(self, samples: np.ndarray, loss_denominator: float | None = None) -> Batch:
@@ -264,38 +231,6 @@ class ExampleLoader:
             "shard is damaged or does not belong to this dataset; `distrib prepare --verify` "
             "checks every shard"
         )
-
-    def reset(self) -> None:
-        """Start again at epoch 0, batch 0 (each evaluation then sees the same batches)."""
-        self.epoch = 0
-        self.batch_index = 0
-
-    def state_dict(self) -> dict[str, int]:
-        """Position and shape of the data order; independent of dp rank and size."""
-        return {
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
-            "seed": self.seed,
-            "num_samples": self.num_samples,
-            "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the next global batch of a saved run; DataError if the data order differs."""
-        for key in ("num_samples", "seq_len", "global_batch_size", "seed"):
-            if key not in state:
-                raise DataError(f"loader state has no '{key}'; it was not saved by a data loader")
-            if int(state[key]) != getattr(self, key):
-                raise DataError(
-                    f"cannot resume the data loader: {key} is {getattr(self, key)} now but "
-                    f"{state[key]} in the saved state (the dataset, data.seq_len, data.packing, "
-                    "training.global_batch_size or training.seed changed)"
-                )
-        epoch, index = int(state["epoch"]), int(state["batch_index"])
-        if epoch < 0 or not 0 <= index < self.steps_per_epoch:
-            raise DataError(f"loader state out of range: epoch {epoch}, batch_index {index}")
-        self.epoch, self.batch_index = epoch, index
 
 
 def build_example_loaders(

@@ -37,15 +37,13 @@ from distrib.data.chat import (
 )
 from distrib.data.demo_pairs import DEMO_VERSION, demo_records
 from distrib.data.example_loader import index_file, index_problem
-from distrib.data.prepare import build_tokenizer
+from distrib.data.prepare import build_tokenizer, holds_recipe
 from distrib.data.shards import (
     DEFAULT_SHARD_TOKENS,
     ShardWriter,
     atomic_dir,
-    find_damage,
     full_digest,
     make_manifest,
-    read_manifest,
     token_dtype,
     write_manifest,
 )
@@ -80,20 +78,12 @@ def is_up_to_date(
     """Whether cfg.dir holds a complete dataset of the same recipe whose shards and indexes
     pass the cheap check; damage found is reported through `log`."""
     dir = Path(cfg.dir)
-    try:
-        manifest = read_manifest(dir)
-    except DataError:
-        return False
-    if manifest.get("recipe") != recipe(cfg, vocab_size, seed):
-        return False
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    records = [r for split in manifest["splits"].values() for r in split["shards"]]
-    problems = find_damage(dir, records, itemsize, manifest.get("spot_check"))
-    indexes = manifest.get("examples", {}).values()
-    problems += [p for info in indexes if (p := index_problem(dir, info))]
-    if problems and log is not None:
-        log(f"{dir} was made from this recipe but is damaged, so it is rebuilt: {problems[0]}")
-    return not problems
+
+    def index_problems(manifest: dict[str, Any]) -> list[str]:
+        indexes = manifest.get("examples", {}).values()
+        return [p for info in indexes if (p := index_problem(dir, info))]
+
+    return holds_recipe(dir, recipe(cfg, vocab_size, seed), log, index_problems)
 
 
 def prepare_examples(

@@ -68,28 +68,33 @@ def _too_small(split: str, num_tokens: int, sequences: int, seq_len: int) -> Dat
     )
 
 
-class TokenLoader:
-    """Deterministic, resumable batches of one split for data-parallel rank `dp_rank`."""
+class SampleOrder:
+    """The data order every loader shares: global batch i of an epoch is the slice
+    perm[i*G : (i+1)*G] of the epoch's permutation of `num_samples` samples (from
+    `default_rng([seed, epoch])`), and data-parallel rank r takes the r-th contiguous 1/dp of
+    it. Its state (epoch, batch index) does not depend on the layout. A subclass sets
+    `num_samples` and turns sample ids into batches."""
+
+    num_samples: int
+    # What changes the data order, named when a saved order does not fit.
+    ORDER_KEYS = "the dataset, data.seq_len, training.global_batch_size or training.seed"
 
     def __init__(
         self,
-        shards: TokenShards,
         seq_len: int,
         global_batch_size: int,
         micro_batch_size: int,
         dp_rank: int,
         dp_size: int,
         seed: int,
-        shuffle: bool = True,
-        document_ids: bool = False,
-        pin_memory: bool = False,
+        shuffle: bool,
+        pin_memory: bool,
     ) -> None:
         if seq_len <= 0 or micro_batch_size <= 0 or global_batch_size <= 0:
             raise ValueError("seq_len, global_batch_size and micro_batch_size must be positive")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, dp_size={dp_size})")
         accumulation_steps(global_batch_size, micro_batch_size, dp_size)
-        self.shards = shards
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -97,12 +102,8 @@ class TokenLoader:
         self.dp_size = dp_size
         self.seed = seed
         self.shuffle = shuffle
-        self.document_ids = document_ids
         # Batches in page-locked memory, so that .to(cuda, non_blocking=True) is asynchronous.
         self.pin_memory = pin_memory
-        self.num_samples = max(shards.num_tokens - 1, 0) // seq_len
-        if self.num_samples < global_batch_size:
-            raise _too_small(shards.split, shards.num_tokens, global_batch_size, seq_len)
         self.epoch = 0
         self.batch_index = 0  # next global batch within the epoch
         self._perm_epoch = -1
@@ -133,21 +134,91 @@ class TokenLoader:
         g = self.global_batch_size
         return self._permutation()[self.batch_index * g : (self.batch_index + 1) * g]
 
+    def rank_samples(self, samples: np.ndarray) -> np.ndarray:
+        """This rank's contiguous share of a global batch's sample ids."""
+        per_rank = self.global_batch_size // self.dp_size
+        return samples[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+
+    def advance(self) -> None:
+        """Move to the next global batch, rolling over into the next epoch."""
+        self.batch_index += 1
+        if self.batch_index == self.steps_per_epoch:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+
+    def reset(self) -> None:
+        """Start again at epoch 0, batch 0 (each evaluation then sees the same batches)."""
+        self.epoch = 0
+        self.batch_index = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Position and shape of the data order; independent of dp rank and size."""
+        return {
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the next global batch of a saved run; DataError if the data order differs."""
+        for key in ("num_samples", "seq_len", "global_batch_size", "seed"):
+            if key not in state:
+                raise DataError(f"loader state has no '{key}'; it was not saved by a data loader")
+            if int(state[key]) != getattr(self, key):
+                raise DataError(
+                    f"cannot resume the data loader: {key} is {getattr(self, key)} now but "
+                    f"{state[key]} in the saved state ({self.ORDER_KEYS} changed)"
+                )
+        epoch, index = int(state["epoch"]), int(state["batch_index"])
+        if epoch < 0 or not 0 <= index < self.steps_per_epoch:
+            raise DataError(f"loader state out of range: epoch {epoch}, batch_index {index}")
+        self.epoch, self.batch_index = epoch, index
+
+
+class TokenLoader(SampleOrder):
+    """Deterministic, resumable batches of one split for data-parallel rank `dp_rank`."""
+
+    def __init__(
+        self,
+        shards: TokenShards,
+        seq_len: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        shuffle: bool = True,
+        document_ids: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(
+            seq_len,
+            global_batch_size,
+            micro_batch_size,
+            dp_rank,
+            dp_size,
+            seed,
+            shuffle,
+            pin_memory,
+        )
+        self.shards = shards
+        self.document_ids = document_ids
+        self.num_samples = max(shards.num_tokens - 1, 0) // seq_len
+        if self.num_samples < global_batch_size:
+            raise _too_small(shards.split, shards.num_tokens, global_batch_size, seq_len)
+
     def next_step(self) -> list[Batch]:
         """This rank's micro-batches for the next optimizer step; advances the loader."""
-        per_rank = self.global_batch_size // self.dp_size
-        samples = self.global_batch_samples()[
-            self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank
-        ]
+        samples = self.rank_samples(self.global_batch_samples())
         rows = self.shards.windows(samples * self.seq_len, self.seq_len + 1)
         # One max over the rows (microseconds): an id past the vocabulary would otherwise end
         # as an IndexError deep in the embedding, or a device-side assert on a GPU.
         if rows.size and int(rows.max()) >= self.shards.vocab_size:
             raise self._out_of_vocab(rows, samples)
         tokens = torch.from_numpy(rows.astype(np.int64))
-        self.batch_index += 1
-        if self.batch_index == self.steps_per_epoch:
-            self.epoch, self.batch_index = self.epoch + 1, 0
+        self.advance()
         batches = []
         ids_B = torch.from_numpy(samples.astype(np.int64))
         for chunk, sample_ids in zip(
@@ -172,38 +243,6 @@ class TokenLoader:
             "the shard is damaged or does not belong to this dataset; `distrib prepare --verify` "
             "checks every shard"
         )
-
-    def reset(self) -> None:
-        """Start again at epoch 0, batch 0 (each evaluation then sees the same batches)."""
-        self.epoch = 0
-        self.batch_index = 0
-
-    def state_dict(self) -> dict[str, int]:
-        """Position and shape of the data order; independent of dp rank and size."""
-        return {
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
-            "seed": self.seed,
-            "num_samples": self.num_samples,
-            "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the next global batch of a saved run; DataError if the data order differs."""
-        for key in ("num_samples", "seq_len", "global_batch_size", "seed"):
-            if key not in state:
-                raise DataError(f"loader state has no '{key}'; it was not saved by TokenLoader")
-            if int(state[key]) != getattr(self, key):
-                raise DataError(
-                    f"cannot resume the data loader: {key} is {getattr(self, key)} now but "
-                    f"{state[key]} in the saved state (the dataset, data.seq_len, "
-                    "training.global_batch_size or training.seed changed)"
-                )
-        epoch, index = int(state["epoch"]), int(state["batch_index"])
-        if epoch < 0 or not 0 <= index < self.steps_per_epoch:
-            raise DataError(f"loader state out of range: epoch {epoch}, batch_index {index}")
-        self.epoch, self.batch_index = epoch, index
 
 
 def open_split(data: DataConfig, split: str) -> TokenShards:

@@ -83,16 +83,29 @@ def is_up_to_date(
 ) -> bool:
     """Whether cfg.dir already holds a complete dataset made from the same recipe whose shards
     pass the cheap check (sizes, spot digests); damage found is reported through `log`."""
-    dir = Path(cfg.dir)
+    return holds_recipe(Path(cfg.dir), _recipe(cfg, vocab_size, seed), log)
+
+
+def holds_recipe(
+    dir: Path,
+    recipe: dict[str, Any],
+    log: Callable[[str], None] | None = None,
+    more_problems: Callable[[dict[str, Any]], list[str]] | None = None,
+) -> bool:
+    """Whether `dir` holds a complete dataset whose manifest records `recipe` and whose shards
+    (and whatever `more_problems` checks in its manifest) pass the cheap check; damage found is
+    reported through `log`, since such a dataset is rebuilt."""
     try:
         manifest = read_manifest(dir)
     except DataError:
         return False
-    if manifest.get("recipe") != _recipe(cfg, vocab_size, seed):
+    if manifest.get("recipe") != recipe:
         return False
     itemsize = np.dtype(manifest["dtype"]).itemsize
     records = [r for split in manifest["splits"].values() for r in split["shards"]]
     problems = find_damage(dir, records, itemsize, manifest.get("spot_check"))
+    if more_problems is not None:
+        problems += more_problems(manifest)
     if problems and log is not None:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         log(
