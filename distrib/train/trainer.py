@@ -403,9 +403,15 @@ class Trainer:
             if eval_now:
                 with meter.paused():
                     val_loss = self.evaluate()
-                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                record["val_loss"] = val_loss
+                if t.objective == "dpo":  # a pairwise loss: no perplexity; its accuracy instead
+                    accuracy = self.val_metrics.get("val_reward_accuracy", math.nan)
+                    shown = f"reward accuracy {accuracy:.3f}"
+                else:
+                    record["val_ppl"] = math.exp(min(val_loss, 50.0))
+                    shown = f"ppl {record['val_ppl']:.1f}"
                 record.update(self.val_metrics)
-                log.write(f"step {step}: val_loss {val_loss:.4f} (ppl {record['val_ppl']:.1f})")
+                log.write(f"step {step}: val_loss {val_loss:.4f} ({shown})")
             log.log(record)
         log.progress(step, *self._shown)
         if self.checkpointer.due(step, t.steps) or step == t.stop_at_step:
