@@ -61,9 +61,13 @@ class StopRequest:
             return self.signal is not None
         t = torch.tensor([self.signal or 0], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
-        if int(t) > 0:
-            self.signal = int(t)
-        return self.signal is not None
+        # Decide from the reduced value alone: a signal that lands during the exchange is in
+        # `self.signal` now but not in what the other ranks saw, and stopping on it here would
+        # send this rank to the checkpoint while they train on (a hang). It counts next step.
+        if int(t) == 0:
+            return False
+        self.signal = int(t)
+        return True
 
     def name(self) -> str:
         return signal.Signals(self.signal).name if self.signal is not None else "a stop signal"
