@@ -1,4 +1,5 @@
-"""`distrib train | prepare | generate | export | report`: parse, call, tear down. No logic here."""
+"""`distrib train | prepare | generate | export | report | sweep`: parse, call, tear down. No logic
+here."""
 
 from __future__ import annotations
 
@@ -81,7 +82,59 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--out", type=Path, default=None, help="output folder (default: <first RUN_DIR>/report)"
     )
+    _sweep_parser(sub)
     return parser
+
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    sw = sub.add_parser(
+        "sweep",
+        help="hyper-parameter search: trials are training runs (Optuna; local or Slurm workers)",
+        description="distrib sweep --config C --space S.toml [--section.key=value ...]: run a "
+        "sweep; distrib sweep --resume --dir D: continue one; distrib sweep report D: its "
+        "charts, table and best config. See docs/sweeps.md.",
+    )
+    sw.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "report", "worker"],
+        help="run (default); report DIR; worker DIR (started by the sweep itself)",
+    )
+    sw.add_argument("target", nargs="?", type=Path, default=None, help="the sweep folder")
+    sw.add_argument("--config", type=Path, default=None, help=_CONFIG_HELP)
+    sw.add_argument("--space", type=Path, default=None, help="the sweep file (TOML)")
+    sw.add_argument(
+        "--dir", type=Path, default=None, help="the sweep folder (default: [sweep] dir)"
+    )
+    sw.add_argument(
+        "--resume", action="store_true", help="continue the sweep in --dir (or the --space's)"
+    )
+    sw.add_argument("--out", type=Path, default=None, help="report: output folder")
+
+
+def cmd_sweep(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrib.commands import sweep
+
+    if args.action in ("report", "worker"):
+        folder = args.target or args.dir
+        if folder is None or rest:
+            raise UserError(f"usage: distrib sweep {args.action} DIR")
+        if args.action == "worker":
+            return sweep.run_worker(folder)
+        from distrib.commands.sweep_report import write_sweep_report
+
+        paths = write_sweep_report(folder, args.out)
+        print(paths[0].read_text(encoding="utf-8"), end="")
+        print(f"wrote {len(paths)} files to {paths[0].parent}")
+        return 0
+    from distrib.config import parse_overrides
+
+    parse_overrides(rest)  # malformed overrides fail here, before anything is written
+    if args.resume and rest:
+        raise UserError("distrib sweep --resume takes no overrides: the sweep keeps its own")
+    setup = sweep.prepare_sweep(args.config, args.space, rest, args.dir, args.resume)
+    return sweep.run_sweep(setup)
 
 
 def cmd_train(cfg: Config) -> None:
@@ -191,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
+        if args.command == "sweep":
+            return cmd_sweep(args, rest)
         if args.command in ("generate", "export", "report"):
             if rest:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")

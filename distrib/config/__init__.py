@@ -2,7 +2,14 @@
 (`load`), the layout rules every builder shares (`rules`) and whole-config validation
 (`validate`). Imports nothing of distrib beyond `distrib.errors`."""
 
-from distrib.config.load import from_dict, help_lines, load_config, parse_overrides, to_dict
+from distrib.config.load import (
+    from_dict,
+    get_value,
+    help_lines,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 from distrib.config.sections import (
     SECTIONS,
     CheckpointConfig,
@@ -35,6 +42,7 @@ __all__ = [
     "ParallelConfig",
     "TrainingConfig",
     "from_dict",
+    "get_value",
     "help_lines",
     "load_config",
     "parse_overrides",

@@ -66,6 +66,12 @@ def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
     setattr(obj, name, _coerce(key, value, base_type(section, name), from_text))
 
 
+def get_value(cfg: Config, key: str) -> Any:
+    """The value of `section.key` in `cfg` (the names the TOML file and the command line use)."""
+    section, _, name = _ALIASES.get(key, key).partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     """`--a.b=v` or `--a.b v` pairs from a command line; anything else is an error."""
     pairs: list[tuple[str, str]] = []
