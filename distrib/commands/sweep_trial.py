@@ -66,22 +66,38 @@ def train_command(nproc: int, config: Path) -> list[str]:
     return [sys.executable, *run, *train]
 
 
+class MetricsTail:
+    """step -> a metric's value in a run's metrics.jsonl, read incrementally as it grows (a long
+    run's file is tens of megabytes; the worker polls twice a second). Whole lines only: the run
+    may be writing. A resumed run's record of a step replaces the earlier one."""
+
+    def __init__(self, run_dir: Path, metric: str) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.metric = metric
+        self.values: dict[int, float] = {}
+        self._offset = 0
+
+    def read(self) -> dict[int, float]:
+        if not self.path.exists():
+            return self.values
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        whole = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(whole)
+        for line in whole.decode("utf-8").splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            value = rec.get(self.metric)
+            if isinstance(value, int | float) and math.isfinite(value):
+                self.values[int(rec["step"])] = float(value)
+        return self.values
+
+
 def metric_by_step(run_dir: Path, metric: str) -> dict[int, float]:
-    """step -> the metric's value in metrics.jsonl (whole lines only: the run may be writing;
-    a resumed run's record of a step replaces the earlier one)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    *lines, _partial = path.read_text(encoding="utf-8").split("\n")
-    out: dict[int, float] = {}
-    for line in lines:
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        value = rec.get(metric)
-        if isinstance(value, int | float) and math.isfinite(value):
-            out[int(rec["step"])] = float(value)
-    return out
+    """step -> the metric's value in the run's metrics.jsonl, as it is now."""
+    return MetricsTail(run_dir, metric).read()
 
 
 def trained_steps(run_dir: Path) -> int:
@@ -116,6 +132,7 @@ class TrialRun:
     interrupted: Callable[[], bool]
     reported: set[int] = field(default_factory=set)
     total: int = 0  # the steps the run trains
+    tail: MetricsTail | None = None
 
     @property
     def trial(self) -> optuna.Trial:
@@ -149,6 +166,7 @@ class TrialRun:
         self.total = self._total_steps()
         frozen = self.study.get_trials(deepcopy=False)[self.trial.number]
         self.reported = set(frozen.intermediate_values)
+        self.tail = MetricsTail(self.run_dir, self.setup.space.metric)
         with open(self.run_dir / "train.log", "a", encoding="utf-8") as log:
             proc = subprocess.Popen(
                 train_command(self.setup.space.nproc, config),
@@ -158,7 +176,7 @@ class TrialRun:
                 preexec_fn=die_with_parent,
             )
             pruned_at = self._watch(proc)
-        return self._finish(proc.returncode, pruned_at, params)
+        return self._finish(proc.returncode, pruned_at)
 
     def _watch(self, proc: subprocess.Popen) -> int | None:
         """Until the run exits: heartbeat, report, prune. Returns the step pruned at, if any."""
@@ -177,7 +195,8 @@ class TrialRun:
         return pruned_at
 
     def _report(self, prune: bool = True) -> int | None:
-        values = metric_by_step(self.run_dir, self.setup.space.metric)
+        assert self.tail is not None
+        values = self.tail.read()
         for step in sorted(set(values) - self.reported):
             self.trial.report(values[step], step)
             self.reported.add(step)
@@ -186,7 +205,7 @@ class TrialRun:
                 return step
         return None
 
-    def _finish(self, code: int, pruned_at: int | None, params: dict[str, Any]) -> str:
+    def _finish(self, code: int, pruned_at: int | None) -> str:
         space = self.setup.space
         values = metric_by_step(self.run_dir, space.metric)
         steps, done = trained_steps(self.run_dir), self.total

@@ -254,3 +254,16 @@ def test_values_refused_together_fail_the_trial_not_the_worker(tmp_path: Path) -
     assert "failed: its config is invalid" in line and "global_batch_size" in line
     (trial,) = study.get_trials()
     assert trial.state.name == "FAIL" and "global_batch_size" in trial.user_attrs["outcome"]
+
+
+def test_the_metrics_tail_reads_whole_lines_as_the_file_grows(tmp_path: Path) -> None:
+    from distrib.commands.sweep_trial import MetricsTail
+
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(tmp_path, "val_loss")
+    assert tail.read() == {}
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "val_loss": 4.5}\n{"step": 3, "val')
+    assert tail.read() == {2: 4.5}  # the unfinished line waits
+    with open(path, "a") as f:
+        f.write('_loss": 4.0}\n{"step": 2, "val_loss": 4.4}\n{"step": 4, "val_loss": NaN}\n')
+    assert tail.read() == {2: 4.4, 3: 4.0}  # a replayed step replaces; NaN is no value
