@@ -1,5 +1,6 @@
 """`distrib sweep` with `launcher = "slurm"` on the local two-node cluster (conftest.py): the
-workers run as a job array that shares the study's journal file, and the sweep completes."""
+workers run as a job array that shares the study's journal file, each trial under torchrun with
+two processes inside its array task, and the sweep completes."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def test_a_sweep_runs_as_a_slurm_job_array(
 ) -> None:
     space = write_space(
         tmp_path / "space.toml",
-        {"trials": 3, "workers": 2, "sampler": "tpe", "launcher": "slurm", "seed": 1},
-        {"training.steps": 6, "training.eval_every": 3, "checkpoint.interval": 0},
+        {"trials": 3, "workers": 2, "nproc": 2, "sampler": "tpe", "launcher": "slurm"},
+        {"training.steps": 6, "training.eval_every": 3, "parallel.dp_shard": 2},
     )
     done = subprocess.run(
         sweep_command("--space", space, "--dir", "sw", *tiny_sweep_flags(data_dir)),
