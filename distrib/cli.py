@@ -175,7 +175,12 @@ def cmd_prepare(cfg: Config, force: bool, verify: bool) -> None:
     from distrib.data.verify import verify_dataset
 
     if verify:
-        verify_dataset(cfg.data.dir)
+        if cfg.data.sources:
+            from distrib.data.mixture import verify_mixture
+
+            verify_mixture(cfg.data)
+        else:
+            verify_dataset(cfg.data.dir)
         return
     prepare_dataset(cfg.data, cfg.model.vocab_size, cfg.training.seed, force=force)
 

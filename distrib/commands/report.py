@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distrib.commands.report_charts import CHARTS, line_chart, step_time_chart
+from distrib.commands.report_mixture import has_mixture, mixture_charts, mixture_markdown
 from distrib.commands.report_moe import CHART as MOE_CHART
 from distrib.commands.report_moe import has_moe, moe_markdown, with_moe_max
 from distrib.commands.report_runs import Run, load_run, num, series
@@ -146,6 +147,7 @@ def summary_markdown(runs: list[Run], charts: list[str]) -> str:
     for note in NOTES[1:]:
         lines += [note, ""]
     lines += moe_markdown(runs)
+    lines += mixture_markdown(runs)
     lines += ["## Charts", ""] + [f"![{Path(c).stem}]({c})" for c in charts]
     return "\n".join(lines) + "\n"
 
@@ -162,6 +164,8 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     if has_moe(runs):
         moe_runs = [with_moe_max(run) for run in runs]
         paths.append(line_chart(moe_runs, MOE_CHART, out_dir / MOE_CHART.file))
+    if has_mixture(runs):
+        paths += mixture_charts(runs, out_dir)
     summary = out_dir / "summary.md"
     summary.write_text(summary_markdown(runs, [p.name for p in paths]), encoding="utf-8")
     return [*paths, summary]

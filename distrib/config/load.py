@@ -27,6 +27,8 @@ def _nearest(word: str, options: list[str]) -> str:
 
 def _coerce(key: str, value: Any, kind: type, from_text: bool) -> Any:
     """Convert a TOML value (or a command-line string) to the field's type, or explain why not."""
+    if from_text and kind is list:
+        raise ConfigError(f"{key} has no command-line form: set it in the TOML file")
     if from_text and isinstance(value, str):
         try:
             if kind is bool:

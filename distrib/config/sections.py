@@ -143,6 +143,20 @@ class DataConfig:
         "chat and preference records with missing roles, empty responses or more than seq_len "
         "tokens: skip them (each reported with file and line) or stop with an error",
     )
+    sources: list = field(  # type: ignore[type-arg]
+        default_factory=list,
+        metadata={
+            "help": "a weighted mixture ([[data.sources]] tables in the TOML file: name, source, "
+            "weight, text_field, max_epochs); replaces data.source. See docs/data.md"
+        },
+    )
+    weight_schedule: list = field(  # type: ignore[type-arg]
+        default_factory=list,
+        metadata={
+            "help": "mixture weights from given steps on ([[data.weight_schedule]] tables: step, "
+            "weights = { NAME = W })"
+        },
+    )
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from distrib.config import families, rules
+from distrib.config.mixture import parse_schedule, parse_sources
 from distrib.config.sections import (
     SECTIONS,
     Config,
@@ -171,6 +172,25 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     )
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _check(d.max_documents >= 0, f"data.max_documents must be >= 0, got {d.max_documents}")
+    _validate_mixture(d)
+
+
+def _validate_mixture(d: DataConfig) -> None:
+    sources = parse_sources(d.sources)
+    if not sources:
+        _check(not d.weight_schedule, "data.weight_schedule needs a mixture: set data.sources")
+        return
+    parse_schedule(d.weight_schedule, [s.name for s in sources])
+    _check(
+        d.source == "",
+        f"data.source = '{d.source}' and data.sources are both set: a mixture names each "
+        "corpus in its [[data.sources]] entry; leave data.source empty",
+    )
+    _check(
+        d.format == "text",
+        f"data.sources mixes text corpora for pretraining; data.format = {d.format} is not "
+        "supported in a mixture",
+    )
 
 
 def _validate_training(t: TrainingConfig) -> None:

@@ -145,6 +145,10 @@ class SampleOrder:
         if self.batch_index == self.steps_per_epoch:
             self.epoch, self.batch_index = self.epoch + 1, 0
 
+    def metrics(self) -> dict[str, float]:
+        """Figures of the data order to log with each step (a mixture's realised shares)."""
+        return {}
+
     def reset(self) -> None:
         """Start again at epoch 0, batch 0 (each evaluation then sees the same batches)."""
         self.epoch = 0
@@ -249,6 +253,10 @@ def open_split(data: DataConfig, split: str) -> TokenShards:
     """Open `split` of the dataset in `data.dir` (checking its shards' sizes and spot digests):
     TokenShards for a text dataset, `ExampleShards` (TokenShards plus target masks) for a chat
     or preference one. DataError if the dataset is not of `data.format`."""
+    if data.sources:
+        from distrib.data.mixture import MixtureShards  # it imports this module
+
+        return MixtureShards.open(data, split)  # type: ignore[return-value]
     kind = read_manifest(data.dir).get("kind", "text")
     if kind != data.format:
         raise DataError(
@@ -280,6 +288,10 @@ def build_loaders(
     the shards' sizes and spot digests. A chat or preference dataset (`data.format`) gets
     `ExampleLoader`s, which have the same interface.
     """
+    if data.sources:
+        from distrib.data.mixture_loader import build_mixture_loaders  # it imports this module
+
+        return build_mixture_loaders(data, training, dp_rank, dp_size, pin_memory, train_shards)  # type: ignore[return-value,arg-type]
     train_shards = train_shards or open_split(data, "train")
     if data.format != "text":
         from distrib.data.example_loader import build_example_loaders

@@ -33,10 +33,15 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus, vocab_size: int) -> Tokeniz
     """Load `cfg.tokenizer`, or train a byte-level BPE of `vocab_size` on the train split."""
     if not cfg.tokenizer:
         return train_bpe(_texts(corpus.batches("train")), vocab_size)
-    tokenizer = Tokenizer.load(cfg.tokenizer)
+    return load_tokenizer(cfg.tokenizer, vocab_size)
+
+
+def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
+    """The tokenizer `data.tokenizer` names, if the model can embed its vocabulary."""
+    tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > vocab_size:
         raise DataError(
-            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} tokens, more than "
+            f"tokenizer {path} has {tokenizer.vocab_size} tokens, more than "
             f"model.vocab_size = {vocab_size}; set model.vocab_size to at least "
             f"{tokenizer.vocab_size}"
         )
@@ -131,6 +136,10 @@ def prepare_dataset(
     `force`. Working folders that interrupted preparations left next to it are tidied first.
     Chat and preference data (`cfg.format`) are prepared by `examples.prepare_examples`.
     """
+    if cfg.sources:
+        from distrib.data.mixture import prepare_mixture  # it imports this module
+
+        return prepare_mixture(cfg, vocab_size, seed, log, force, max_shard_tokens)
     if cfg.format != "text":
         from distrib.data.examples import prepare_examples  # it imports this module
 

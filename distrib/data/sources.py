@@ -96,7 +96,34 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     """Read the corpus `cfg.source` names (capped at `cfg.max_documents`) and split it."""
     if cfg.source == "":
         return _stdlib_corpus(cfg)
+    if cfg.source == PYTHON_DOCS:
+        return _python_docs_corpus(cfg)
     return _hf_corpus(cfg)
+
+
+# English prose every CPython has: the documentation of the language's keywords, statements and
+# special methods that `help()` shows, shipped as the stdlib module pydoc_data.topics (left out of
+# the default corpus as a data table). A second source unlike code, for mixtures on any machine.
+PYTHON_DOCS = "builtin:python-docs"
+
+
+def _python_docs_corpus(cfg: DataConfig) -> Corpus:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError(
+            f"data.source = {PYTHON_DOCS}: this Python has no pydoc_data module (some "
+            "distributions package it apart, e.g. Debian's libpython3-stdlib)"
+        ) from None
+    keys = sorted(topics)
+    if cfg.max_documents:
+        keys = keys[: cfg.max_documents]
+    texts = [topics[k] for k in keys]
+    train, val = split_by_key(keys, cfg.val_fraction)
+    version = ".".join(map(str, sys.version_info[:3]))
+    return Corpus(
+        f"python {version} documentation topics, {len(keys)} documents", texts, train, val
+    )
 
 
 def stable_fraction(key: str) -> float:

@@ -16,6 +16,7 @@ import torch
 from distrib import checkpoint as ckpt
 from distrib.config import Config, DataConfig, ModelConfig, to_dict
 from distrib.data.loader import Batch, TokenLoader, build_loaders
+from distrib.data.mixture_loader import MixtureValidation
 from distrib.data.shards import TokenShards
 from distrib.data.verify import report_leftovers
 from distrib.engines.base import Engine, StepResult
@@ -186,13 +187,23 @@ class Trainer:
         )
 
     def evaluate(self) -> float:
-        """Mean validation loss over the first `eval_steps` global batches of the split."""
-        self.val_loader.reset()
-        steps = min(self.cfg.training.eval_steps, self.val_loader.steps_per_epoch)
-        losses = [self.engine.eval_loss(self.val_loader.next_step()) for _ in range(steps)]
+        """Mean validation loss over the first `eval_steps` global batches of the split; for a
+        mixture, of each source's split (`val_loss/<name>`), averaged with the first weights."""
+        if isinstance(self.val_loader, MixtureValidation):
+            mix = self.val_loader
+            per_source = {name: self._val_loss(loader) for name, loader in mix.loaders.items()}
+            self.val_metrics = {f"val_loss/{n}": v for n, v in per_source.items()}
+            return sum(mix.weights[n] * v for n, v in per_source.items())
+        loss = self._val_loss(self.val_loader)
         self.val_metrics = {
             f"val_{name}": float(value) for name, value in self.engine.objective_metrics().items()
         }
+        return loss
+
+    def _val_loss(self, loader: Any) -> float:
+        loader.reset()
+        steps = min(self.cfg.training.eval_steps, loader.steps_per_epoch)
+        losses = [self.engine.eval_loss(loader.next_step()) for _ in range(steps)]
         return float(torch.stack(losses).mean())
 
     def _attach_reference(self, report: Callable[[str], None]) -> None:
@@ -389,6 +400,7 @@ class Trainer:
                 **self.engine.expert_metrics(),
                 **{name: float(value) for name, value in (result.metrics or {}).items()},
                 **self._targets,
+                **self.train_loader.metrics(),
                 "elapsed_s": time.perf_counter() - start,
             }
             if lagging:
