@@ -101,8 +101,9 @@ class ModelConfig:
 class DataConfig:
     source: str = _f(
         "",
-        "corpus: empty for the Python standard library's source, a local .txt/.jsonl/.parquet "
-        "file or folder, or a Hugging Face hub dataset name",
+        "corpus: empty for the Python standard library's source, builtin:python-docs (its "
+        "English documentation topics), a local .txt/.jsonl/.parquet file or folder, or a "
+        "Hugging Face hub dataset name",
     )
     text_field: str = _f("text", "field holding the text in .jsonl/.parquet/hub records")
     text_sample_by: Literal["document", "paragraph", "line"] = _f(
