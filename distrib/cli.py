@@ -44,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the full sha256 of every shard of data.dir (reads it all); changes nothing",
     )
+    split = sub.choices["prepare"]
+    split.add_argument(
+        "--task",
+        type=int,
+        default=None,
+        help="tokenize only this share of the corpus (0 <= TASK < TASKS; e.g. $SLURM_ARRAY_TASK_ID); "
+        "a later distrib prepare without it merges the shares",
+    )
+    split.add_argument("--tasks", type=int, default=None, help="how many shares (--task)")
+    split.add_argument(
+        "--tokenizer-only",
+        action="store_true",
+        help="train (or load) and save the tokenizer the --task runs share, then stop",
+    )
     gen = sub.add_parser("generate", help="sample text from a trained run")
     gen.add_argument("--run_dir", type=Path, required=True, help="the run folder (job.run_dir)")
     gen.add_argument("--prompt", default="def ", help="text to continue")
@@ -170,7 +184,13 @@ def _check_layout(cfg: Config, world_size: int) -> None:
         effective_config(cfg, dims.dp)
 
 
-def cmd_prepare(cfg: Config, force: bool, verify: bool) -> None:
+def cmd_prepare(
+    cfg: Config,
+    force: bool,
+    verify: bool,
+    task: tuple[int, int] | None = None,
+    tokenizer_only: bool = False,
+) -> None:
     from distrib.data.prepare import prepare_dataset
     from distrib.data.verify import verify_dataset
 
@@ -182,7 +202,29 @@ def cmd_prepare(cfg: Config, force: bool, verify: bool) -> None:
         else:
             verify_dataset(cfg.data.dir)
         return
-    prepare_dataset(cfg.data, cfg.model.vocab_size, cfg.training.seed, force=force)
+    prepare_dataset(
+        cfg.data,
+        cfg.model.vocab_size,
+        cfg.training.seed,
+        force=force,
+        task=task,
+        tokenizer_only=tokenizer_only,
+    )
+
+
+def _task(args: argparse.Namespace, cfg: Config) -> tuple[int, int] | None:
+    """--task I --tasks N, checked; None without them."""
+    if args.task is None and args.tasks is None:
+        return None
+    if args.task is None or args.tasks is None or not 0 <= args.task < args.tasks:
+        raise UserError(
+            f"--task {args.task} --tasks {args.tasks}: give both, with 0 <= TASK < TASKS"
+        )
+    if cfg.data.sources or cfg.data.format != "text":
+        raise UserError("--task splits a text corpus; mixtures and chat data are prepared whole")
+    if args.verify or args.tokenizer_only:
+        raise UserError("--task does not go with --verify or --tokenizer-only")
+    return args.task, args.tasks
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -265,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             cmd_train(cfg)
         else:
-            cmd_prepare(cfg, args.force, args.verify)
+            cmd_prepare(cfg, args.force, args.verify, _task(args, cfg), args.tokenizer_only)
     except UserError as err:
         print(f"distrib {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -120,6 +120,9 @@ class DataConfig:
         True, "false masks attention across document boundaries in packed sequences"
     )
     max_documents: int = _f(0, "stop reading the corpus after this many documents (0: all)")
+    num_proc: int = _f(
+        0, "distrib prepare: processes that tokenize (0: one per available core; 1: this one)"
+    )
     format: Literal["text", "chat", "preference"] = _f(
         "text",
         "text: documents for pretraining; chat: conversations ('messages' of role/content) or "

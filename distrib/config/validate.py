@@ -172,6 +172,7 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     )
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _check(d.max_documents >= 0, f"data.max_documents must be >= 0, got {d.max_documents}")
+    _check(d.num_proc >= 0, f"data.num_proc must be >= 0 (0: every core), got {d.num_proc}")
     _validate_mixture(d)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from distrib.config import DataConfig
+from distrib.data.prepare_parts import MERGE_CHUNK_TOKENS, PartsFolder, plan, tokenize_parts
 from distrib.data.shards import (
     DEFAULT_SHARD_TOKENS,
     ShardWriter,
@@ -71,8 +72,8 @@ def write_split(
         writer.append(np.array(flat, dtype=writer.dtype))
 
 
-# Data keys that only the loader reads: changing them needs no new shards.
-_LOADER_ONLY = ("seq_len", "cross_document_attention")
+# Data keys that do not change the shards: the loader's, and how many processes tokenize.
+_LOADER_ONLY = ("seq_len", "cross_document_attention", "num_proc")
 
 
 def _recipe(cfg: DataConfig, vocab_size: int, seed: int) -> dict[str, Any]:
@@ -127,14 +128,20 @@ def prepare_dataset(
     log: Callable[[str], None] = print,
     max_shard_tokens: int = DEFAULT_SHARD_TOKENS,
     force: bool = False,
+    task: tuple[int, int] | None = None,
+    tokenizer_only: bool = False,
 ) -> Path:
     """Read the corpus, build the tokenizer, write shards + manifest + tokenizer.json to cfg.dir.
 
     Train documents are shuffled with `seed` so the packed stream mixes sources; val keeps the
-    corpus order. The folder appears (or replaces the old one) only once complete. A folder
-    already made from the same recipe, and undamaged by the cheap check, is kept as it is unless
-    `force`. Working folders that interrupted preparations left next to it are tidied first.
-    Chat and preference data (`cfg.format`) are prepared by `examples.prepare_examples`.
+    corpus order. Tokenizing happens in parts (`prepare_parts`), with `cfg.num_proc` processes;
+    `task = (i, n)` tokenizes only the i-th of n shares of the parts and stops (a Slurm array
+    task; the tokenizer must exist: `data.tokenizer`, or a run with `tokenizer_only`), and a
+    later call without it merges. The folder appears (or replaces the old one) only once
+    complete. A folder already made from the same recipe, and undamaged by the cheap check, is
+    kept as it is unless `force`. Working folders that interrupted preparations left next to it
+    are tidied first. Chat and preference data (`cfg.format`) are prepared by
+    `examples.prepare_examples`; mixtures (`cfg.sources`) by `mixture.prepare_mixture`.
     """
     if cfg.sources:
         from distrib.data.mixture import prepare_mixture  # it imports this module
@@ -155,17 +162,34 @@ def prepare_dataset(
         f"corpus: {corpus.description}; {len(corpus.train_ids)} train / "
         f"{len(corpus.val_ids)} val documents"
     )
-    tokenizer = build_tokenizer(cfg, corpus, vocab_size)
+    parts = PartsFolder(final, _recipe(cfg, vocab_size, seed))
+    tokenizer = _parts_tokenizer(cfg, corpus, vocab_size, parts, task, log)
+    if tokenizer_only:
+        log(f"tokenizer saved in {parts.dir}; now tokenize (distrib prepare --task I --tasks N)")
+        return parts.dir
     dtype = token_dtype(tokenizer.vocab_size)
+    every = plan(corpus, seed)
+    todo = [p for p in every if parts.record(p) is None]
+    if task is not None:
+        todo = [p for p in todo if p.number % task[1] == task[0]]
+    if len(todo) < len(every) and task is None:
+        log(f"resuming: {len(every) - len(todo)} of {len(every)} parts already in {parts.dir}")
+    tokenize_parts(cfg, corpus, tokenizer, parts, todo, dtype, cfg.num_proc, log)
+    if task is not None:
+        log(
+            f"task {task[0]} of {task[1]}: {len(todo)} parts tokenized into {parts.dir}; "
+            "`distrib prepare` (without --task) merges them once every task has run"
+        )
+        return parts.dir
     splits: dict[str, list[dict[str, Any]]] = {}
     final.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         for split in SPLITS:
             writer = ShardWriter(tmp, split, dtype, tokenizer.eos_id, max_shard_tokens)
-            order = None
-            if split == "train":
-                order = np.random.default_rng(seed).permutation(len(corpus.train_ids))
-            write_split(corpus, split, tokenizer, writer, order)
+            for part in (p for p in every if p.split == split):
+                tokens = parts.tokens(part, dtype)
+                for i in range(0, len(tokens), MERGE_CHUNK_TOKENS):
+                    writer.append(tokens[i : i + MERGE_CHUNK_TOKENS])
             splits[split] = writer.close()
         tokenizer.save(tmp / TOKENIZER_FILE)
         manifest = make_manifest(
@@ -181,6 +205,7 @@ def prepare_dataset(
             recipe=_recipe(cfg, vocab_size, seed),
         )
         write_manifest(tmp, manifest)  # last: a folder with a manifest is a complete dataset
+    parts.remove()
     seconds = time.perf_counter() - start
     counts = ", ".join(
         f"{k} {v['num_documents']} docs / {v['num_tokens']:,} tokens"
@@ -188,3 +213,27 @@ def prepare_dataset(
     )
     log(f"prepared {final}: {counts}; vocab {tokenizer.vocab_size}; {seconds:.1f} s")
     return final
+
+
+def _parts_tokenizer(
+    cfg: DataConfig,
+    corpus: Corpus,
+    vocab_size: int,
+    parts: PartsFolder,
+    task: tuple[int, int] | None,
+    log: Callable[[str], None],
+) -> Tokenizer:
+    """The tokenizer every part is made with: the one saved with the parts, else built (loaded
+    from data.tokenizer, or trained) and saved there. A task of a split preparation does not
+    train one: tasks training at once could each save another."""
+    saved = parts.tokenizer()
+    if saved is not None:
+        return saved
+    if task is not None and not cfg.tokenizer:
+        raise DataError(
+            f"distrib prepare --task: no tokenizer in {parts.dir} yet. Train it once first "
+            "(distrib prepare --tokenizer-only with the same config), or set data.tokenizer"
+        )
+    tokenizer = build_tokenizer(cfg, corpus, vocab_size)
+    parts.save_tokenizer(tokenizer)
+    return tokenizer

@@ -84,7 +84,10 @@ def test_failed_prepare_keeps_old_dataset(corpus, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_dataset(corpus, 300, seed=5, log=lambda _: None)
     assert (dir / "manifest.json").read_text() == before
-    assert sorted(p.name for p in dir.parent.iterdir()) == ["corpus.jsonl", "prepared"]
+    # The parts folder stays, for the next run to resume from (its tokenizer is saved).
+    (parts,) = dir.parent.glob("prepared.parts-*")
+    assert sorted(p.name for p in parts.iterdir()) == ["tokenizer.json"]
+    assert sorted(p.name for p in dir.parent.iterdir()) == ["corpus.jsonl", "prepared", parts.name]
 
 
 def test_prepare_default_corpus_subset(tmp_path):
