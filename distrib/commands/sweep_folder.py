@@ -77,6 +77,11 @@ def load_setup(sweep_dir: Path) -> SweepSetup:
 
 
 def _nest(data: dict[str, Any], key: str, value: Any) -> None:
+    if key.startswith("data.sources.") and key.count(".") >= 3:  # a mixture source's field
+        name, _, field = key.removeprefix("data.sources.").rpartition(".")
+        entry = next(e for e in data["data"]["sources"] if e.get("name") == name)
+        entry[field] = value
+        return
     section, _, name = key.partition(".")
     data.setdefault(section, {})[name] = value
 

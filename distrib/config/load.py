@@ -53,8 +53,28 @@ def _coerce(key: str, value: Any, kind: type, from_text: bool) -> Any:
 _ALIASES = {"checkpoint.async": "checkpoint.async_save"}
 
 
+def _set_source(cfg: Config, key: str, value: Any, from_text: bool) -> None:
+    """`data.sources.<name>.<field>`: one field of a mixture's source, named by the source's
+    name (so that a command line or a sweep can change a weight)."""
+    _, _, rest = key.partition("data.sources.")
+    name, _, field = rest.rpartition(".")
+    entries = [e for e in cfg.data.sources if isinstance(e, dict) and e.get("name") == name]
+    if not entries:
+        names = [str(e.get("name")) for e in cfg.data.sources if isinstance(e, dict)]
+        raise ConfigError(
+            f"{key}: no source named '{name}' in data.sources (valid: {', '.join(names) or 'none'})"
+        )
+    kinds = {"weight": float, "max_epochs": float, "source": str, "text_field": str}
+    if field not in kinds:
+        raise ConfigError(f"unknown key '{key}': {_nearest(field, list(kinds))}")
+    entries[0][field] = _coerce(key, value, kinds[field], from_text)
+
+
 def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
     key = _ALIASES.get(key, key)
+    if key.startswith("data.sources.") and key.count(".") >= 3:
+        _set_source(cfg, key, value, from_text)
+        return
     section, _, name = key.partition(".")
     if section not in SECTIONS:
         raise ConfigError(
@@ -69,7 +89,11 @@ def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
 
 
 def get_value(cfg: Config, key: str) -> Any:
-    """The value of `section.key` in `cfg` (the names the TOML file and the command line use)."""
+    """The value of `section.key` in `cfg` (the names the TOML file and the command line use),
+    or of a mixture source's field, `data.sources.<name>.<field>`."""
+    if key.startswith("data.sources.") and key.count(".") >= 3:
+        name, _, field = key.removeprefix("data.sources.").rpartition(".")
+        return next(e[field] for e in cfg.data.sources if e.get("name") == name)
     section, _, name = _ALIASES.get(key, key).partition(".")
     return getattr(getattr(cfg, section), name)
 

@@ -190,3 +190,19 @@ def test_a_bad_mixture_names_the_entry_and_key(tmp_path: Path, text: str, messag
 def test_a_mixture_has_no_command_line_form() -> None:
     with pytest.raises(ConfigError, match="data.sources has no command-line form"):
         load_config(None, ["--data.sources=a"])
+
+
+def test_a_source_field_is_set_by_name_on_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(SOURCES)
+    cfg = load_config(path, ["--data.sources.b.weight=3", "--data.sources.a.max_epochs=2"])
+    assert [(s["name"], s["weight"], s.get("max_epochs")) for s in cfg.data.sources] == [
+        ("a", 1, 2.0),
+        ("b", 3.0, None),
+    ]
+    with pytest.raises(ConfigError, match="no source named 'c'.*valid: a, b"):
+        load_config(path, ["--data.sources.c.weight=1"])
+    with pytest.raises(ConfigError, match="did you mean 'weight'"):
+        load_config(path, ["--data.sources.a.wieght=1"])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight = -1.0: must be >= 0"):
+        load_config(path, ["--data.sources.a.weight=-1"])

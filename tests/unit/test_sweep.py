@@ -267,3 +267,25 @@ def test_the_metrics_tail_reads_whole_lines_as_the_file_grows(tmp_path: Path) ->
     with open(path, "a") as f:
         f.write('_loss": 4.0}\n{"step": 2, "val_loss": 4.4}\n{"step": 4, "val_loss": NaN}\n')
     assert tail.read() == {2: 4.4, 3: 4.0}  # a replayed step replaces; NaN is no value
+
+
+def test_a_sweep_searches_a_mixture_weight(tmp_path: Path) -> None:
+    """Mixture weights are config keys too (`data.sources.<name>.weight`): checked against the
+    config, and written into the source's entry of the trial's TOML."""
+    text = SPACE.replace(
+        '"training.lr" = { type = "log_uniform", low = 1e-4, high = 1e-2 }',
+        '"data.sources.docs.weight" = { type = "uniform", low = 0.1, high = 0.5 }',
+    )
+    space = load_space(_space(tmp_path, text))
+    config = ROOT / "configs" / "mixture_debug.toml"
+    check_keys(space, config, space.overrides)
+    setup = new_setup(tmp_path / "sweep", config, space.overrides, space)
+    params = {
+        "data.sources.docs.weight": 0.35,
+        "training.warmup_steps": 0,
+        "training.schedule": "wsd",
+    }
+    path = write_config(tmp_path / "t.toml", setup, params, tmp_path / "run", "trial 0")
+    sources = tomllib.loads(path.read_text())["data"]["sources"]
+    assert [(s["name"], s["weight"]) for s in sources] == [("code", 0.8), ("docs", 0.35)]
+    assert load_config(path).data.sources[1]["weight"] == 0.35
