@@ -15,8 +15,13 @@ Rows: `data.num_proc = 1` (one process; the tokenizers library's own threads enc
 and `data.num_proc = 0` (one worker process per available core, each encoding on one thread).
 Each row prepares into a fresh folder; the figure is tokens written per second of the whole
 `prepare_dataset` call (planning, tokenizing every part, merging into shards, hashing). The two
-datasets are compared: their shards must be identical. Prints a table and writes
-bench/results/prepare-<device>-<date>.json.
+datasets are compared: their shards must be identical.
+
+Then the streaming loader (`data.streaming`) on the same corpus with the debug model's batch
+(16 rows of 256 tokens, one process): tokens per second `next_step()` delivers over
+`--stream-steps` steps after a warmup step, including its background tokenization, against what
+training consumes (the distrib figure of the newest bench/results throughput JSON for this
+device kind). Prints the tables and writes bench/results/prepare-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import environment, table, write_result
+from bench.common import environment, latest_result, table, write_result
 from distrib.config import DataConfig
 from distrib.data.prepare import prepare_dataset
 from distrib.data.prepare_parts import available_cores
@@ -50,6 +55,31 @@ def build_corpus(folder: Path, copies: int) -> tuple[Path, int]:
     return path, path.stat().st_size
 
 
+def stream_rate(corpus: Path, tokenizer: Path, steps: int) -> dict[str, float]:
+    """Tokens/s of the streaming loader over `steps` steps, after one warmup step."""
+    from distrib.data.streaming import StreamingLoader, open_documents
+    from distrib.data.tokenizer import Tokenizer
+
+    data = DataConfig(source=str(corpus), tokenizer=str(tokenizer), streaming=True)
+    loader = StreamingLoader(
+        open_documents(data, "train"), Tokenizer.load(tokenizer), 256, 16, 8, 0, 1
+    )
+    loader.next_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loader.next_step()
+    seconds = time.perf_counter() - start
+    return {"steps": steps, "seconds": seconds, "tokens_per_s": steps * 16 * 256 / seconds}
+
+
+def _training_rate() -> tuple[float | None, str]:
+    found = latest_result("throughput", torch.device("cpu"))
+    if found is None or "distrib" not in found[1].get("contenders", {}):
+        return None, "no throughput result for this device"
+    path, record = found
+    return record["contenders"]["distrib"]["tokens_per_s"]["median"], path.name
+
+
 def _shards(dir: Path) -> list[str]:
     manifest = json.loads((dir / "manifest.json").read_text())
     return [r["sha256"] for split in manifest["splits"].values() for r in split["shards"]]
@@ -58,6 +88,7 @@ def _shards(dir: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=21, help="copies of the stdlib (~10 MB each)")
+    parser.add_argument("--stream-steps", type=int, default=200, help="timed streaming steps")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
@@ -100,9 +131,20 @@ def main() -> None:
             )
             outputs.append(_shards(out))
         identical = outputs[0] == outputs[1]
+        stream = stream_rate(corpus, tokenizer / "tokenizer.json", args.stream_steps)
+        training, where = _training_rate()
+        stream["training_tokens_per_s"] = training
+        stream["training_figure"] = where
+        stream["ratio"] = stream["tokens_per_s"] / training if training else None
         print(f"corpus: {size / 1e6:.0f} MB ({args.copies} copies of the stdlib), vocab {VOCAB}")
         print(table(rows))
         print(f"shards identical: {identical}")
+        ratio = f"{stream['ratio']:.0f}x" if stream["ratio"] else "?"
+        eats = f"{training:,.0f}" if training else "?"
+        print(
+            f"streaming loader: {stream['tokens_per_s']:,.0f} tokens/s, {ratio} what training "
+            f"consumes ({eats} tokens/s: {where})"
+        )
         device = torch.device("cpu")
         path = write_result(
             "prepare",
@@ -114,6 +156,7 @@ def main() -> None:
                 "vocab_size": VOCAB,
                 "rows": results,
                 "shards_identical": identical,
+                "streaming": stream,
             },
         )
         print(f"wrote {path}")

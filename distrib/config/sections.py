@@ -123,6 +123,11 @@ class DataConfig:
     num_proc: int = _f(
         0, "distrib prepare: processes that tokenize (0: one per available core; 1: this one)"
     )
+    streaming: bool = _f(
+        False,
+        "tokenize data.source while training, in a background thread, instead of reading a "
+        "prepared data.dir (needs data.tokenizer); see docs/data.md",
+    )
     format: Literal["text", "chat", "preference"] = _f(
         "text",
         "text: documents for pretraining; chat: conversations ('messages' of role/content) or "

@@ -174,6 +174,22 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _check(d.max_documents >= 0, f"data.max_documents must be >= 0, got {d.max_documents}")
     _check(d.num_proc >= 0, f"data.num_proc must be >= 0 (0: every core), got {d.num_proc}")
     _validate_mixture(d)
+    _validate_streaming(d)
+
+
+def _validate_streaming(d: DataConfig) -> None:
+    if not d.streaming:
+        return
+    _check(
+        bool(d.tokenizer),
+        "data.streaming needs data.tokenizer (a tokenizer.json or an HF tokenizer folder): a "
+        "stream cannot train one; `distrib prepare` on a sample of the corpus makes one",
+    )
+    _check(
+        d.format == "text" and not d.sources,
+        "data.streaming reads one text corpus: not with data.format = chat/preference or "
+        "data.sources",
+    )
 
 
 def _validate_mixture(d: DataConfig) -> None:

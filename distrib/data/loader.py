@@ -288,6 +288,10 @@ def build_loaders(
     the shards' sizes and spot digests. A chat or preference dataset (`data.format`) gets
     `ExampleLoader`s, which have the same interface.
     """
+    if data.streaming:
+        from distrib.data.streaming import build_streaming_loaders  # it imports this module
+
+        return build_streaming_loaders(data, training, dp_rank, dp_size, pin_memory)  # type: ignore[return-value]
     if data.sources:
         from distrib.data.mixture_loader import build_mixture_loaders  # it imports this module
 

@@ -143,6 +143,9 @@ def prepare_dataset(
     are tidied first. Chat and preference data (`cfg.format`) are prepared by
     `examples.prepare_examples`; mixtures (`cfg.sources`) by `mixture.prepare_mixture`.
     """
+    if cfg.streaming:
+        log("data.streaming = true: nothing to prepare, the corpus is tokenized while training")
+        return Path(cfg.dir)
     if cfg.sources:
         from distrib.data.mixture import prepare_mixture  # it imports this module
 

@@ -18,6 +18,7 @@ from distrib.config import Config, DataConfig, ModelConfig, to_dict
 from distrib.data.loader import Batch, TokenLoader, build_loaders
 from distrib.data.mixture_loader import MixtureValidation
 from distrib.data.shards import TokenShards
+from distrib.data.tokenizer import Tokenizer
 from distrib.data.verify import report_leftovers
 from distrib.engines.base import Engine, StepResult
 from distrib.engines.build import build_engine
@@ -51,6 +52,11 @@ def check_dataset(
     dataset are reported there, never removed: a preparation may still be running."""
     from distrib.data.loader import open_split
 
+    if data.streaming:  # nothing prepared: the tokenizer is what must fit
+        from distrib.data.prepare import load_tokenizer
+
+        load_tokenizer(data.tokenizer, model.vocab_size)
+        return None  # type: ignore[return-value]
     if report is not None:
         report_leftovers(data.dir, report)
     shards = open_split(data, "train")
@@ -166,7 +172,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
         # Generation and export need the tokenizer even if the dataset folder moves later.
-        shutil.copyfile(Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        if self.cfg.data.streaming:
+            Tokenizer.load(self.cfg.data.tokenizer).save(self.run_dir / "tokenizer.json")
+        else:
+            shutil.copyfile(
+                Path(self.cfg.data.dir) / "tokenizer.json", self.run_dir / "tokenizer.json"
+            )
         # And the chat template of fine-tuning data: generate --chat and export render with it.
         template = Path(self.cfg.data.dir) / "chat_template.jinja"
         if template.is_file():
