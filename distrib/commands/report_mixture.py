@@ -10,7 +10,7 @@ from pathlib import Path
 from distrib.commands.report_charts import _figure, _no_data, _style
 from distrib.commands.report_runs import Run, series
 
-VAL, SHARE = "val_loss/", "data_share/"
+VAL, PPL, SHARE = "val_loss/", "val_ppl/", "data_share/"
 
 
 def source_names(run: Run) -> list[str]:
@@ -42,19 +42,21 @@ def mixture_markdown(runs: list[Run]) -> list[str]:
     lines = [
         "## Data mixture",
         "",
-        "Per source: the last validation loss, and the share of the training sequences drawn "
-        "from it so far (realised, at the last logged step).",
+        "Per source: the last validation loss and perplexity, and the share of the training "
+        "sequences drawn from it so far (realised, at the last logged step).",
         "",
-        "| run | source | val loss | share |",
-        "|---|---|---:|---:|",
+        "| run | source | val loss | val ppl | share |",
+        "|---|---|---:|---:|---:|",
     ]
     for run, names in found:
         for name in names:
             val, share = _last(run, VAL + name), _last(run, SHARE + name)
+            ppl = _last(run, PPL + name)
             cells = [
                 run.name,
                 name,
                 "" if val is None else f"{val:.4f}",
+                "" if ppl is None else f"{ppl:.1f}",
                 "" if share is None else f"{share:.1%}",
             ]
             lines.append("| " + " | ".join(cells) + " |")

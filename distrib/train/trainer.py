@@ -204,6 +204,9 @@ class Trainer:
             mix = self.val_loader
             per_source = {name: self._val_loss(loader) for name, loader in mix.loaders.items()}
             self.val_metrics = {f"val_loss/{n}": v for n, v in per_source.items()}
+            self.val_metrics.update(
+                {f"val_ppl/{n}": math.exp(min(v, 50.0)) for n, v in per_source.items()}
+            )
             return sum(mix.weights[n] * v for n, v in per_source.items())
         loss = self._val_loss(self.val_loader)
         self.val_metrics = {

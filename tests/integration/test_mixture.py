@@ -6,6 +6,7 @@ every sample drawn once, per-source validation and shares in metrics.jsonl and t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,8 @@ def test_a_mixture_trains_resumes_under_another_layout_and_reports(
     assert want[8]["data_weight/docs"] == 0.5
     for step in (4, 8):
         val = want[step]
-        assert {"val_loss/code", "val_loss/docs"} <= set(val)
+        assert {"val_loss/code", "val_loss/docs", "val_ppl/code", "val_ppl/docs"} <= set(val)
+        assert val["val_ppl/docs"] == pytest.approx(math.exp(val["val_loss/docs"]))
         weighted = 0.75 * val["val_loss/code"] + 0.25 * val["val_loss/docs"]
         assert val["val_loss"] == pytest.approx(weighted, rel=1e-6)  # the first weights
     # Exactly once: the same samples, step by step, as the one-process run, none twice.
