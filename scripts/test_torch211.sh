@@ -45,4 +45,5 @@ exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=10 \
   tests/distributed/test_deepspeed.py \
   tests/distributed/test_expert_parallel.py \
   tests/distributed/test_lora_parallel.py \
+  tests/integration/test_streaming.py \
   "$@"

@@ -59,6 +59,27 @@ def pinned(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t)
 
 
+def micro_batches(
+    rows: np.ndarray, sample_ids: np.ndarray, micro_batch_size: int, eos_id: int | None, pin: bool
+) -> list[Batch]:
+    """A rank's rows of seq_len + 1 tokens ([B, L + 1]) as micro-batches of inputs and labels
+    (shifted by one), with per-token document ids when `eos_id` is given, in pinned memory if
+    `pin`. Every text loader (prepared, mixture, streaming) ends here."""
+    tokens = torch.from_numpy(np.asarray(rows).astype(np.int64))
+    ids_B = torch.from_numpy(np.asarray(sample_ids).astype(np.int64))
+    batches = []
+    for chunk, ids in zip(
+        tokens.split(micro_batch_size), ids_B.split(micro_batch_size), strict=True
+    ):
+        inputs, labels = chunk[:, :-1], chunk[:, 1:]
+        doc = document_ids(inputs, eos_id) if eos_id is not None else None
+        if pin:
+            inputs, labels = pinned(inputs), pinned(labels)
+            doc = None if doc is None else pinned(doc)
+        batches.append(Batch(inputs, labels, doc, ids))
+    return batches
+
+
 def _too_small(split: str, num_tokens: int, sequences: int, seq_len: int) -> DataError:
     more = "raise data.val_fraction, " if split == "val" else ""
     return DataError(
@@ -221,20 +242,9 @@ class TokenLoader(SampleOrder):
         # as an IndexError deep in the embedding, or a device-side assert on a GPU.
         if rows.size and int(rows.max()) >= self.shards.vocab_size:
             raise self._out_of_vocab(rows, samples)
-        tokens = torch.from_numpy(rows.astype(np.int64))
         self.advance()
-        batches = []
-        ids_B = torch.from_numpy(samples.astype(np.int64))
-        for chunk, sample_ids in zip(
-            tokens.split(self.micro_batch_size), ids_B.split(self.micro_batch_size), strict=True
-        ):
-            inputs, labels = chunk[:, :-1], chunk[:, 1:]
-            ids = document_ids(inputs, self.shards.eos_id) if self.document_ids else None
-            if self.pin_memory:
-                inputs, labels = pinned(inputs), pinned(labels)
-                ids = None if ids is None else pinned(ids)
-            batches.append(Batch(inputs, labels, ids, sample_ids))
-        return batches
+        eos = self.shards.eos_id if self.document_ids else None
+        return micro_batches(rows, samples, self.micro_batch_size, eos, self.pin_memory)
 
     def _out_of_vocab(self, rows: np.ndarray, samples: np.ndarray) -> DataError:
         """The error naming the first token of `rows` outside the vocabulary: value and place."""

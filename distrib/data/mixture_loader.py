@@ -20,12 +20,11 @@ import json
 from typing import Any
 
 import numpy as np
-import torch
 
 from distrib.config import DataConfig, TrainingConfig
 from distrib.config.mixture import MixtureSource, parse_schedule, parse_sources, weights_at
 from distrib.config.rules import accumulation_steps
-from distrib.data.loader import Batch, TokenLoader, document_ids, pinned
+from distrib.data.loader import Batch, TokenLoader, micro_batches
 from distrib.data.mixture import MixtureShards
 from distrib.errors import DataError
 
@@ -157,19 +156,9 @@ class MixtureLoader:
                 for j, i in zip(sources, samples, strict=True)
             ]
         )
-        tokens = torch.from_numpy(rows.astype(np.int64))
-        ids_B = torch.from_numpy(self.offsets[sources] + samples)
-        batches = []
-        for chunk, sample_ids in zip(
-            tokens.split(self.micro_batch_size), ids_B.split(self.micro_batch_size), strict=True
-        ):
-            inputs, labels = chunk[:, :-1], chunk[:, 1:]
-            doc = document_ids(inputs, self.eos_id) if self.document_ids else None
-            if self.pin_memory:
-                inputs, labels = pinned(inputs), pinned(labels)
-                doc = None if doc is None else pinned(doc)
-            batches.append(Batch(inputs, labels, doc, sample_ids))
-        return batches
+        eos = self.eos_id if self.document_ids else None
+        ids = self.offsets[sources] + samples
+        return micro_batches(rows, ids, self.micro_batch_size, eos, self.pin_memory)
 
     def metrics(self) -> dict[str, float]:
         """Each source's realised share of the sequences drawn so far (`data_share/<name>`) and

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from distrib.config import DataConfig, TrainingConfig
 from distrib.config.rules import accumulation_steps
-from distrib.data.loader import Batch, document_ids, pinned
+from distrib.data.loader import Batch, micro_batches
 from distrib.data.tokenizer import Tokenizer
 from distrib.errors import DataError
 
@@ -300,20 +299,10 @@ class StreamingLoader:
         if step is None:
             raise rows
         self.step, self._consumed_state = step, state
-        tokens = torch.from_numpy(rows)
         # Window n of row i: unique, and the same in every layout (for the sample records).
-        ids_B = torch.tensor([(step - 1) * self.global_batch_size + r for r in self.rows])
-        batches = []
-        for chunk, sample_ids in zip(
-            tokens.split(self.micro_batch_size), ids_B.split(self.micro_batch_size), strict=True
-        ):
-            inputs, labels = chunk[:, :-1], chunk[:, 1:]
-            doc = document_ids(inputs, self.tokenizer.eos_id) if self.document_ids else None
-            if self.pin_memory:
-                inputs, labels = pinned(inputs), pinned(labels)
-                doc = None if doc is None else pinned(doc)
-            batches.append(Batch(inputs, labels, doc, sample_ids))
-        return batches
+        ids = np.array([(step - 1) * self.global_batch_size + r for r in self.rows])
+        eos = self.tokenizer.eos_id if self.document_ids else None
+        return micro_batches(rows, ids, self.micro_batch_size, eos, self.pin_memory)
 
     def reset(self) -> None:
         """Back to the start of the stream (validation sees the same batches every time)."""

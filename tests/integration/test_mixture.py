@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distrib.cli import main
-from tests.support.runs import records, run_train
+from tests.support.runs import records, run_train, sample_records
 from tests.support.tiny import tiny_flags
 
 pytestmark = pytest.mark.slow
@@ -80,15 +80,6 @@ def test_prepare_shares_one_tokenizer_and_skips_what_did_not_change(
     assert capsys.readouterr().out.count("every sha256 matches") == 2
 
 
-def _samples(run_dir: Path) -> dict[int, list[int]]:
-    per_step: dict[int, list[int]] = {}
-    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            per_step.setdefault(rec["step"], []).extend(rec["samples"])
-    return per_step
-
-
 def test_a_mixture_trains_resumes_under_another_layout_and_reports(
     mixture: Path, tmp_path: Path
 ) -> None:
@@ -124,8 +115,8 @@ def test_a_mixture_trains_resumes_under_another_layout_and_reports(
         weighted = 0.75 * val["val_loss/code"] + 0.25 * val["val_loss/docs"]
         assert val["val_loss"] == pytest.approx(weighted, rel=1e-6)  # the first weights
     # Exactly once: the same samples, step by step, as the one-process run, none twice.
-    ids = _samples(resumed)
-    assert ids == _samples(reference)
+    ids = sample_records(resumed)
+    assert ids == sample_records(reference)
     flat = [i for step in ids.values() for i in step]
     assert len(flat) == len(set(flat)) == 64
     assert main(["report", str(resumed)]) == 0

@@ -11,19 +11,10 @@ from pathlib import Path
 import pytest
 
 from distrib.data.sources import stdlib_files
-from tests.support.runs import records, run_train
+from tests.support.runs import records, run_train, sample_records
 from tests.support.tiny import tiny_flags
 
 pytestmark = pytest.mark.slow
-
-
-def _samples(run_dir: Path) -> dict[int, list[int]]:
-    per_step: dict[int, list[int]] = {}
-    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            per_step.setdefault(rec["step"], []).extend(rec["samples"])
-    return per_step
 
 
 def test_a_stream_resumed_under_another_layout_sees_the_same_data(
@@ -64,5 +55,5 @@ def test_a_stream_resumed_under_another_layout_sees_the_same_data(
     assert "val_loss" in want[4] and got[8]["val_loss"] == pytest.approx(
         want[8]["val_loss"], rel=1e-5
     )
-    assert _samples(resumed) == _samples(reference)
+    assert sample_records(resumed) == sample_records(reference)
     assert (resumed / "tokenizer.json").is_file()  # generate and export need it

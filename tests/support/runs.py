@@ -60,6 +60,17 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def sample_records(run_dir: Path) -> dict[int, list[int]]:
+    """step -> the sample ids trained on (debug.record_samples), every rank's in rank order, so
+    a step's list is its whole global batch in order whatever the layout."""
+    per_step: dict[int, list[int]] = {}
+    for path in sorted((run_dir / "samples").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            per_step.setdefault(rec["step"], []).extend(rec["samples"])
+    return per_step
+
+
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Poll metrics.jsonl until `proc` (still running) has logged `step`."""
     deadline = time.monotonic() + timeout
