@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distrib.cli import main
-from tests.support.runs import records, run_train, sample_records
+from tests.support.runs import RESUMABLE_RUN, records, run_train, sample_records
 from tests.support.tiny import tiny_flags
 
 pytestmark = pytest.mark.slow
@@ -36,19 +36,7 @@ weights = {{ code = 0.5, docs = 0.5 }}
 [model]
 vocab_size = 512
 """
-RUN = [
-    *tiny_flags(),
-    "--training.global_batch_size=8",
-    "--training.micro_batch_size=2",
-    "--training.steps=8",
-    "--training.warmup_steps=2",
-    "--training.eval_every=4",
-    "--training.eval_steps=1",
-    "--metrics.log_every=1",
-    "--metrics.progress=false",
-    "--checkpoint.interval=4",
-    "--debug.record_samples=true",
-]
+RUN = [*tiny_flags(), *RESUMABLE_RUN]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distrib.data.sources import stdlib_files
-from tests.support.runs import records, run_train, sample_records
+from tests.support.runs import RESUMABLE_RUN, records, run_train, sample_records
 from tests.support.tiny import tiny_flags
 
 pytestmark = pytest.mark.slow
@@ -30,16 +30,7 @@ def test_a_stream_resumed_under_another_layout_sees_the_same_data(
         f"--data.source={corpus}",
         f"--data.tokenizer={data_dir / 'tokenizer.json'}",
         "--data.seq_len=64",
-        "--training.global_batch_size=8",
-        "--training.micro_batch_size=2",
-        "--training.steps=8",
-        "--training.warmup_steps=2",
-        "--training.eval_every=4",
-        "--training.eval_steps=1",
-        "--metrics.log_every=1",
-        "--metrics.progress=false",
-        "--checkpoint.interval=4",
-        "--debug.record_samples=true",
+        *RESUMABLE_RUN,
     ]
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_train(1, [*run, f"--job.run_dir={reference}"])

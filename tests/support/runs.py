@@ -13,6 +13,22 @@ from pathlib import Path
 ROOT = Path(__file__).parents[2]
 
 
+# Eight steps of 8 sequences with an evaluation and a checkpoint at step 4, recording every
+# rank's sample ids: a run to stop at step 4 and resume, for the data-order tests.
+RESUMABLE_RUN = [
+    "--training.global_batch_size=8",
+    "--training.micro_batch_size=2",
+    "--training.steps=8",
+    "--training.warmup_steps=2",
+    "--training.eval_every=4",
+    "--training.eval_steps=1",
+    "--metrics.log_every=1",
+    "--metrics.progress=false",
+    "--checkpoint.interval=4",
+    "--debug.record_samples=true",
+]
+
+
 def train_command(nproc: int, args: list[str], restarts: int = 0) -> list[str]:
     """`python -m distrib.cli train ARGS`, under `torchrun --standalone` when nproc > 1."""
     if nproc == 1:
