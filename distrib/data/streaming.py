@@ -71,8 +71,18 @@ def open_documents(data: DataConfig, split: str) -> Callable[[], Iterator[tuple[
     return records
 
 
+# Opening a dataset is not thread-safe (datasets' progress bars create tqdm's class lock
+# lazily, and two producer threads, train and val, can race on it): one opening at a time.
+_OPENING = threading.Lock()
+
+
 def _stream(data: DataConfig) -> Any:
     """The source as a Hugging Face IterableDataset: read as it is iterated, never cached whole."""
+    with _OPENING:
+        return _open_stream(data)
+
+
+def _open_stream(data: DataConfig) -> Any:
     from pathlib import Path
 
     import datasets
