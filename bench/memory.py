@@ -2,13 +2,21 @@
 
     python -m bench.memory                    # every layout that fits this machine's process count
     python -m bench.memory --layouts dp_shard=2 tp=2
+    python -m bench.memory --layouts seq8192 seq8192,cp=2 seq8192,cp=4   # context parallelism
 
 Each layout runs under `torchrun --standalone`; every rank builds the engine exactly as
 `distrib train` does (`build_engine`), takes a micro-batch's backward to measure its gradients,
 then two full optimizer steps, and reports the bytes it holds locally (DTensor shards counted as
 their local part). Peak is CUDA's max allocated on a GPU, the process's peak RSS on a CPU (which
-includes the Python and torch runtime, ~0.3-0.5 GB). Prints a table and writes
+includes the Python and torch runtime, ~0.3-0.5 GB). Activations are the bytes one micro-batch's
+forward leaves saved for backward on the rank (each storage once, parameters excluded; FSDP's
+gathered weights are freed by then and count zero), on any device. Prints a table and writes
 bench/results/memory-<device>-<date>.json.
+
+The `seq8192` rows train the same model on one sequence of 8192 tokens per micro-batch, whole or
+split over cp = 2 or 4 ranks by context parallelism: their activations should fall close to
+1 / cp (every activation of a block is per token; ring attention saves only its rank's q, k, v,
+output and log-sum-exp).
 
 The `ds_*` layouts run the DeepSpeed engine (ZeRO stage 1, 2, 3, with CPU offload). There the
 optimizer column counts DeepSpeed's float32 master partition and the AdamW moments (ZeRO keeps a
@@ -57,6 +65,12 @@ MODEL = [
     "--training.global_batch_size=16",
     "--training.micro_batch_size=4",
 ]
+LONG = [
+    "--model.max_seq_len=8192",
+    "--data.seq_len=8192",
+    "--training.global_batch_size=2",
+    "--training.micro_batch_size=1",
+]
 DS = ["--parallel.engine=deepspeed", "--parallel.dp_shard=-1"]
 LAYOUTS = {
     "single": (1, []),
@@ -68,6 +82,12 @@ LAYOUTS = {
     "dp_replicate=2,dp_shard=2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
     "dp_shard=2,tp=2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2"]),
     "pp=2,dp_shard=2": (4, ["--parallel.pp=2", "--parallel.dp_shard=2"]),
+    "cp=2": (2, ["--parallel.cp=2"]),
+    "cp=2,dp_shard=2": (4, ["--parallel.cp=2", "--parallel.dp_shard=2"]),
+    "seq8192": (1, LONG),
+    "seq8192,cp=2": (2, [*LONG, "--parallel.cp=2"]),
+    "seq8192,cp=4": (4, [*LONG, "--parallel.cp=4"]),
+    "seq8192,cp=2,alltoall": (2, [*LONG, "--parallel.cp=2", "--parallel.cp_mode=alltoall"]),
     **{f"ds_zero{stage}": (2, [*DS, f"--parallel.zero_stage={stage}"]) for stage in (1, 2, 3)},
     "ds_zero2_offload": (2, [*DS, "--parallel.zero_stage=2", "--parallel.offload_optimizer=true"]),
     "ds_zero3_offload": (
@@ -88,8 +108,43 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in local)
 
 
+def activation_mb(engine: Any, batch: Batch) -> float | None:
+    """MB that one forward of `batch` leaves saved for backward on this rank (each storage once,
+    parameters excluded); then its backward, gradients dropped. None for pipelines, whose
+    forward the schedule runs."""
+    if engine.pipeline is not None:
+        return None
+    params = {
+        (p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr()
+        for part in engine.parts
+        for p in part.parameters()
+    }
+    storages: dict[int, Any] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        storage = local.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage
+        return t
+
+    for part in engine.parts:
+        part.train()
+    batch, positions = engine._sequence_share(batch)  # noqa: SLF001 - this rank's tokens
+    with positions, engine.loss_context():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = engine._forward_loss(batch)  # noqa: SLF001
+        # Measured after forward: FSDP has freed (resized to 0) the weights it gathered.
+        held = sum(s.nbytes() for s in storages.values())
+        loss.backward()
+    for opt in engine.optimizers:
+        opt.zero_grad(set_to_none=True)
+    return held / MB
+
+
 def _native(engine: Any, batch: Batch) -> dict[str, float | None]:
     params = [p for part in engine.parts for p in part.parameters()]
+    activations = activation_mb(engine, batch)
     engine._micro_step(batch, 1.0)  # noqa: SLF001 - one backward, to see the gradients
     grads = _bytes([p.grad for p in params if p.grad is not None])
     for opt in engine.optimizers:
@@ -107,6 +162,7 @@ def _native(engine: Any, batch: Batch) -> dict[str, float | None]:
         "params_mb": _bytes(params) / MB,
         "grads_mb": grads / MB,
         "optimizer_mb": _bytes(states) / MB,
+        "activations_mb": activations,
     }
 
 
@@ -132,6 +188,7 @@ def _deepspeed(engine: Any, batch: Batch) -> dict[str, float | None]:
         "params_mb": _bytes(params) / MB,
         "grads_mb": None,
         "optimizer_mb": (_bytes(master) + _bytes(moments)) / MB,
+        "activations_mb": None,
     }
 
 
@@ -210,7 +267,8 @@ def main() -> None:
     if args.worker:
         worker([a for a in rest if a != "--"], args.out)
         return
-    results, rows = {}, [["layout", "rank", "params MB", "grads MB", "optim MB", "peak MB"]]
+    header = ["layout", "rank", "params MB", "grads MB", "optim MB", "activations MB", "peak MB"]
+    results, rows = {}, [header]
     for name in args.layouts:
         nproc, overrides = LAYOUTS[name]
         results[name] = run_layout(name, nproc, overrides)
@@ -222,6 +280,7 @@ def main() -> None:
                     f"{r['params_mb']:.2f}",
                     "-" if r["grads_mb"] is None else f"{r['grads_mb']:.2f}",
                     f"{r['optimizer_mb']:.2f}",
+                    "-" if r["activations_mb"] is None else f"{r['activations_mb']:.1f}",
                     f"{r['peak_mb']:.0f}",
                 ]
             )

@@ -41,6 +41,24 @@ NOT_DECIDED = frozenset(
 )
 
 
+# Model keys the checkpoint decides unless the user sets them: RoPE's base and scaling change
+# no weight, and extending a model's context (continued pre-training on longer sequences) is
+# exactly setting them anew.
+ROPE_KEYS = frozenset(
+    {
+        "rope_theta",
+        "rope_scaling",
+        "rope_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_seq_len",
+        "rope_beta_fast",
+        "rope_beta_slow",
+        "rope_attention_factor",
+    }
+)
+
+
 def parse_run_source(spec: str) -> tuple[Path, int | None]:
     """`run:DIR` or `run:DIR@STEP` as (run folder, step or None for the newest intact one)."""
     body = spec.removeprefix(PREFIX)
@@ -68,7 +86,8 @@ def _source_checkpoint(spec: str) -> tuple[Path, Path]:
 
 def run_model_config(cfg: ModelConfig, explicit: set[str] | frozenset[str]) -> ModelConfig:
     """`cfg` with the model keys of the checkpoint `cfg.init_from` names. A key in `explicit`
-    (set by the user) that contradicts the checkpoint is refused, naming both values."""
+    (set by the user) that contradicts the checkpoint is refused, naming both values, except
+    the RoPE keys (`ROPE_KEYS`), which a context extension sets anew."""
     run_dir, path = _source_checkpoint(cfg.init_from)
     theirs = _run_config(run_dir, path).model
     values: dict[str, Any] = {}
@@ -76,6 +95,8 @@ def run_model_config(cfg: ModelConfig, explicit: set[str] | frozenset[str]) -> M
         if f.name in NOT_DECIDED:
             continue
         ours, their = getattr(cfg, f.name), getattr(theirs, f.name)
+        if f.name in explicit and f.name in ROPE_KEYS:
+            continue
         if f.name in explicit and ours != their:
             raise ConfigError(
                 f"model.{f.name} = {ours!r} contradicts model.init_from: the checkpoint {path} "

@@ -22,7 +22,7 @@ from distrib.errors import UserError
 
 __all__ = ["load_run", "series", "summarize", "write_report"]
 
-AXES = ("dp_replicate", "dp_shard", "tp", "pp")
+AXES = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
 STEADY_NOTE = (
     "Mean tokens/s and mean MFU: the mean over logged windows, excluding the first window "
     "after each (re)start, which includes warm-up (first allocations, data loader start, "
@@ -67,8 +67,9 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 
 def _layout(run: Run) -> str | None:
-    """dp_replicate x dp_shard x tp x pp; a -1 degree is inferred from the logged device count."""
-    parallel = run.config.get("parallel", {})
+    """dp_replicate x dp_shard x cp x tp x pp; a -1 degree is inferred from the logged device
+    count. Runs from before context parallelism have no cp: it was 1."""
+    parallel = {"cp": 1, **run.config.get("parallel", {})}
     degrees: list[int | str] = [parallel.get(axis) for axis in AXES]
     if not all(isinstance(d, int) for d in degrees):
         return None
@@ -132,7 +133,7 @@ HEADER = (
     "mean tokens/s *",
     "mean MFU *",
     "wall time",
-    "layout (dp_replicate x dp_shard x tp x pp)",
+    "layout (dp_replicate x dp_shard x cp x tp x pp)",
     "dtype",
 )
 

@@ -185,7 +185,7 @@ def check_family(model: ModelConfig) -> None:
 
 def check_model_options(model: ModelConfig) -> None:
     """The family keys' own ranges: a positive, even head dim (RoPE rotates pairs), a
-    non-negative window, llama3 scaling factors that define its interpolation band."""
+    non-negative window, RoPE scaling parameters that define their scheme."""
     head_dim = resolved_head_dim(model)
     if model.head_dim < 0 or head_dim <= 0 or head_dim % 2:
         raise ConfigError(
@@ -202,6 +202,17 @@ def check_model_options(model: ModelConfig) -> None:
             f"model.sliding_window must be >= 0 (0: attend to every earlier position), got "
             f"{model.sliding_window}"
         )
+    _check_rope_scaling(model)
+
+
+def _check_rope_scaling(model: ModelConfig) -> None:
+    """The keys each RoPE scaling scheme reads must define it (factors that divide, a band
+    that is not empty); the message names the keys, the rule and the values."""
+    if model.rope_scaling == "linear" and not model.rope_factor > 0:
+        raise ConfigError(
+            f"model.rope_scaling = 'linear' needs model.rope_factor > 0 (positions are divided "
+            f"by it; 1 changes nothing); got {model.rope_factor}"
+        )
     if model.rope_scaling == "llama3":
         ok = (
             model.rope_factor > 0
@@ -215,4 +226,22 @@ def check_model_options(model: ModelConfig) -> None:
                 f"model.rope_original_max_seq_len > 0; got {model.rope_factor}, "
                 f"{model.rope_low_freq_factor}, {model.rope_high_freq_factor}, "
                 f"{model.rope_original_max_seq_len}"
+            )
+    if model.rope_scaling == "yarn":
+        ok = (
+            model.rope_factor > 0
+            and model.rope_beta_fast > model.rope_beta_slow > 0
+            and model.rope_original_max_seq_len > 0
+            and model.rope_attention_factor >= 0
+        )
+        if not ok:
+            raise ConfigError(
+                "model.rope_scaling = 'yarn' needs model.rope_factor > 0, "
+                "model.rope_beta_fast > model.rope_beta_slow > 0, "
+                "model.rope_original_max_seq_len > 0 and model.rope_attention_factor >= 0 "
+                f"(0: derived from rope_factor); got rope_factor = {model.rope_factor}, "
+                f"rope_beta_fast = {model.rope_beta_fast}, rope_beta_slow = "
+                f"{model.rope_beta_slow}, rope_original_max_seq_len = "
+                f"{model.rope_original_max_seq_len}, rope_attention_factor = "
+                f"{model.rope_attention_factor}"
             )

@@ -62,14 +62,25 @@ class ModelConfig:
     sliding_window: int = _f(
         0, "attend only to the last N positions, this one included (Mistral; 0: all)"
     )
-    rope_scaling: Literal["none", "llama3"] = _f(
-        "none", "RoPE frequency scaling: none, or llama3 (Llama 3.1 long context)"
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = _f(
+        "none",
+        "RoPE scaling for a longer context: none; linear (positions divided by rope_factor); "
+        "llama3 (Llama 3.1); yarn (YaRN, as transformers computes it)",
     )
-    rope_factor: float = _f(8.0, "rope_scaling = llama3: how much longer the context gets")
-    rope_low_freq_factor: float = _f(1.0, "rope_scaling = llama3: low-frequency boundary")
-    rope_high_freq_factor: float = _f(4.0, "rope_scaling = llama3: high-frequency boundary")
+    rope_factor: float = _f(8.0, "linear, llama3, yarn: how many times longer the context gets")
+    rope_low_freq_factor: float = _f(1.0, "llama3: low-frequency boundary")
+    rope_high_freq_factor: float = _f(4.0, "llama3: high-frequency boundary")
     rope_original_max_seq_len: int = _f(
-        8192, "rope_scaling = llama3: the context length the model was first trained on"
+        8192, "llama3, yarn: the context length the model was first trained on"
+    )
+    rope_beta_fast: float = _f(
+        32.0, "yarn: frequencies turning more than this many times in the original context are kept"
+    )
+    rope_beta_slow: float = _f(
+        1.0, "yarn: frequencies turning fewer times than this are divided by rope_factor"
+    )
+    rope_attention_factor: float = _f(
+        0.0, "yarn: cos and sin are multiplied by this (0: 0.1 ln(rope_factor) + 1)"
     )
     moe_experts: int = _f(0, "routed experts per Mixture-of-Experts layer (0: dense SwiGLU)")
     moe_top_k: int = _f(2, "experts each token is sent to")
@@ -225,6 +236,17 @@ class ParallelConfig:
         "sent to them by all-to-all; divides dp_shard and model.moe_experts",
     )
     pp: int = _f(1, "pipeline-parallel degree")
+    cp: int = _f(
+        1,
+        "context-parallel degree: each sequence split over this many ranks (load-balanced "
+        "chunks), attention exchanging keys and values between them; divides data.seq_len / 2",
+    )
+    cp_mode: Literal["ring", "alltoall"] = _f(
+        "ring",
+        "context parallelism's attention: ring (keys and values passed around the cp ranks, any "
+        "head count) or alltoall (Ulysses: heads scattered, sequence gathered, the configured "
+        "attention backend on whole sequences; needs cp to divide the heads per tp rank)",
+    )
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = _f(
         "1f1b", "pipeline schedule"
     )

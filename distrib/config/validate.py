@@ -75,7 +75,7 @@ def _fits_launch(p: ParallelConfig) -> bool:
     sizes = {os.environ[key] for key in _LAUNCH_SIZE_VARS if key in os.environ}
     if not sizes:
         return True
-    degrees = (p.dp_replicate, p.dp_shard, p.tp, p.pp)
+    degrees = (p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp)
     return -1 not in degrees and sizes == {str(math.prod(degrees))}
 
 
@@ -294,6 +294,33 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig, t: Trai
             )
     rules.check_tied_embeddings(m, p.tp, p.pp)
     _validate_pipeline(p, m, d, t)
+    _validate_context_parallel(p, m, d)
+
+
+def _validate_context_parallel(p: ParallelConfig, m: ModelConfig, d: DataConfig) -> None:
+    _check(p.cp >= 1, f"parallel.cp must be >= 1, got {p.cp}")
+    if p.cp == 1:
+        return
+    _check(
+        d.seq_len % (2 * p.cp) == 0,
+        f"parallel.cp = {p.cp} cuts each sequence into 2 x cp = {2 * p.cp} equal chunks (an "
+        f"early and a late one per rank, so causal attention costs every rank the same): "
+        f"data.seq_len ({d.seq_len}) must be a multiple of {2 * p.cp}; valid cp: "
+        f"{[c for c in range(1, d.seq_len // 2 + 1) if d.seq_len % (2 * c) == 0][:8]}",
+    )
+    _check(
+        p.ep == 1,
+        f"parallel.cp ({p.cp}) with parallel.ep ({p.ep}) is not supported yet: set one to 1",
+    )
+    if p.cp_mode == "alltoall":
+        heads = m.n_heads // max(p.tp, 1)
+        _check(
+            heads % p.cp == 0,
+            f"parallel.cp_mode = 'alltoall' scatters each tensor-parallel rank's {heads} query "
+            f"heads (model.n_heads {m.n_heads} / parallel.tp {p.tp}) over parallel.cp = "
+            f"{p.cp} ranks, which must divide them; use parallel.cp_mode = 'ring' or cp in "
+            f"{[c for c in range(1, heads + 1) if heads % c == 0]}",
+        )
 
 
 def _validate_compute(t: TrainingConfig, p: ParallelConfig) -> None:
@@ -338,12 +365,13 @@ def _validate_deepspeed(p: ParallelConfig) -> None:
             "set parallel.engine = 'deepspeed' or remove the key",
         )
         return
-    others = {"tp": p.tp, "pp": p.pp, "dp_replicate": p.dp_replicate}
+    others = {"tp": p.tp, "pp": p.pp, "cp": p.cp, "dp_replicate": p.dp_replicate}
     for key, value in others.items():
         _check(
             value == 1,
             f"parallel.engine = 'deepspeed' shards data-parallel only: parallel.{key} must be 1 "
-            f"(got {value}); use the native engine for tensor, pipeline or hybrid layouts",
+            f"(got {value}); use the native engine for tensor, pipeline, context or hybrid "
+            "layouts",
         )
     _check(
         not p.offload_params or p.zero_stage == 3,
@@ -421,7 +449,7 @@ def _validate_objective(cfg: Config) -> None:
         "training.objective = 'dpo' tunes a trained model against itself as it started: set "
         "model.init_from = 'hf:PATH' or 'run:DIR' (usually a model after SFT)",
     )
-    for key in ("tp", "pp"):
+    for key in ("tp", "pp", "cp"):
         _check(
             getattr(p, key) == 1,
             f"training.objective = 'dpo' runs in data-parallel layouts (dp_replicate, dp_shard, "

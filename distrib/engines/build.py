@@ -14,6 +14,7 @@ from distrib.engines.native import NativeEngine
 from distrib.engines.objectives import build_objective
 from distrib.models.build import build_on_meta
 from distrib.models.lora import apply_lora
+from distrib.parallel.context import ContextParallel
 from distrib.parallel.dims import ParallelDims, dp_coordinate
 from distrib.parallel.expert import expert_balance
 from distrib.parallel.init import load_hf_weights, materialize
@@ -99,8 +100,9 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
         loss_context=loss_ctx,
         autocast=not uses_fsdp(dims),
         pp_group=mesh["pp"].get_group() if mesh is not None and dims.pp > 1 else None,
-        num_loss_ranks=dims.dp * dims.tp,
+        num_loss_ranks=dims.dp * dims.cp * dims.tp,
         objective=build_objective(cfg),
+        context=ContextParallel(mesh["cp"]) if mesh is not None and dims.cp > 1 else None,
     )
     engine.experts = expert_balance(parts, cfg.model)
     dp_rank, dp_size = dp_coordinate(mesh) if mesh is not None else (0, 1)

@@ -1,5 +1,5 @@
 """The native engine: plain PyTorch on this rank's model parts, under any layout on one mesh
-(FSDP2 / DDP / TP / PP), behind the `Engine` interface of `distrib.engines.base`."""
+(FSDP2 / DDP / TP / PP / CP / EP), behind the `Engine` interface of `distrib.engines.base`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from distrib.engines.base import Accept, StepEngine, mean_over_ranks, plain
 from distrib.engines.objectives import Objective, TokenObjective
 from distrib.engines.optim import build_optimizer, build_scheduler
 from distrib.models.moe import set_aux_loss_scale
+from distrib.parallel.context import ContextParallel
 from distrib.parallel.fsdp import set_gradient_sync
 
 
@@ -40,6 +41,7 @@ class NativeEngine(StepEngine):
         pp_group: dist.ProcessGroup | None = None,
         num_loss_ranks: int = 1,
         objective: Objective | None = None,
+        context: ContextParallel | None = None,
     ) -> None:
         self.parts = parts
         self.objective = objective or TokenObjective(cfg)
@@ -51,7 +53,8 @@ class NativeEngine(StepEngine):
         # FSDP's mixed-precision policy casts parameters itself; autocast is for the rest.
         self.use_autocast = autocast and cfg.dtype == "bfloat16"
         self.pp_group = pp_group
-        self.num_loss_ranks = num_loss_ranks  # ranks holding the loss: dp x tp of the last stage
+        self.num_loss_ranks = num_loss_ranks  # ranks holding the loss: dp x cp x tp, last stage
+        self.context = context  # context parallelism: each rank trains on a share of the tokens
         self.optimizers = [build_optimizer(part, cfg) for part in parts]
         self.schedulers = [build_scheduler(opt, cfg) for opt in self.optimizers]
         self._params = [p for part in parts for p in part.parameters() if p.requires_grad]
@@ -74,8 +77,21 @@ class NativeEngine(StepEngine):
         with self._autocast():
             return DPOObjective.sequence_logps(self.model, batch, self.device)
 
+    def _sequence_share(self, batch: Batch) -> tuple[Batch, contextlib.AbstractContextManager[Any]]:
+        """This rank's share of `batch` under context parallelism, and the context that gives
+        the model the RoPE positions of that share; the batch as it is otherwise."""
+        if self.context is None:
+            return batch, contextlib.nullcontext()
+        share = self.context.shard(batch)
+        return share, self.context.positions(self.parts, share.inputs.shape[1])
+
     def _micro_step(self, batch: Batch, scale: float) -> torch.Tensor | None:
         """Forward and backward of one micro-batch; its mean loss where this rank has it."""
+        batch, positions = self._sequence_share(batch)
+        with positions:
+            return self._micro_step_of(batch, scale)
+
+    def _micro_step_of(self, batch: Batch, scale: float) -> torch.Tensor | None:
         if self.pipeline is not None:
             p = self.pipeline
             set_aux_loss_scale(self.parts, scale / p.n_microbatches)  # as the pipeline's loss
@@ -145,15 +161,16 @@ class NativeEngine(StepEngine):
         for part in self.parts:
             part.eval()
         total = torch.zeros((), device=self.device)
-        for batch in batches:
+        for whole in batches:
+            batch, positions = self._sequence_share(whole)
             if self.pipeline is not None:
                 p = self.pipeline
                 inputs = batch.inputs.to(self.device) if p.has_first else None
                 labels = batch.labels.to(self.device) if p.has_last else None
-                with self._autocast():
+                with self._autocast(), positions:
                     loss = p.eval_step(inputs, labels, batch.loss_denominator)
             else:
-                with self.loss_context():
+                with self.loss_context(), positions:
                     loss = plain(self._forward_loss(batch))
             if loss is not None:
                 total += loss.float()

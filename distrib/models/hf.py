@@ -28,6 +28,7 @@ from distrib.config.families import FAMILIES, resolved_head_dim, resolved_moe_ff
 from distrib.errors import CheckpointError, ConfigError
 from distrib.models.build import build_on_meta
 from distrib.models.hf_families import (
+    ROPE_KEYS,
     TOP_NAMES,
     hf_config,
     hf_tensor_names,
@@ -35,6 +36,7 @@ from distrib.models.hf_families import (
     to_hf_name,
     to_hf_state_dict,
 )
+from distrib.models.rope import attention_factor, model_rope_scaling
 
 __all__ = [
     "hf_config",
@@ -49,10 +51,11 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 # ModelConfig field -> HF config field, for the fields a checkpoint must agree on (its config
-# sets them). max_seq_len is left out on purpose: it only sizes the RoPE tables (llama3 scaling
+# sets them). max_seq_len is left out on purpose: it only sizes the RoPE tables (scaled RoPE
 # depends on rope_original_max_seq_len, not on it), so a model published for 131072 positions
-# fine-tunes at 2048 with identical weights and logits. head_dim and moe_ffn_dim compare as
-# resolved (0 means the default width); the moe_* ones only when the model has experts.
+# fine-tunes at 2048 with identical weights and logits. head_dim, moe_ffn_dim and
+# rope_attention_factor compare as resolved (0 means the default); the moe_* ones only when the
+# model has experts, the rope_* ones only when a model's rope_scaling reads them.
 MATCHED_FIELDS = {
     "family": "architectures",
     "dim": "hidden_size",
@@ -73,6 +76,9 @@ MATCHED_FIELDS = {
     "rope_low_freq_factor": "rope_scaling.low_freq_factor",
     "rope_high_freq_factor": "rope_scaling.high_freq_factor",
     "rope_original_max_seq_len": "rope_scaling.original_max_position_embeddings",
+    "rope_beta_fast": "rope_scaling.beta_fast",
+    "rope_beta_slow": "rope_scaling.beta_slow",
+    "rope_attention_factor": "rope_scaling.attention_factor",
     "moe_experts": "num_experts (Mixtral: num_local_experts)",
     "moe_top_k": "num_experts_per_tok",
     "moe_ffn_dim": "moe_intermediate_size",
@@ -101,24 +107,27 @@ def read_hf_config(folder: Path) -> ModelConfig:
 
 
 def _compared(cfg: ModelConfig, field: str) -> Any:
-    """The value of `field` as a checkpoint is compared on: head_dim and moe_ffn_dim resolved."""
+    """The value of `field` as a checkpoint is compared on: head_dim, moe_ffn_dim and
+    rope_attention_factor resolved."""
     if field == "head_dim":
         return resolved_head_dim(cfg)
     if field == "moe_ffn_dim":
         return resolved_moe_ffn_dim(cfg)
+    if field == "rope_attention_factor":
+        return attention_factor(model_rope_scaling(cfg))
     return getattr(cfg, field)
 
 
 def matched_fields(cfg: ModelConfig, theirs: ModelConfig) -> list[str]:
     """The fields a folder's config decides for `cfg`: the MoE ones only when either model has
-    experts, the llama3 RoPE factors only when either scales RoPE."""
+    experts, the RoPE scaling parameters only those either model's scheme reads."""
     moe = cfg.moe_experts > 0 or theirs.moe_experts > 0
-    scaled = "llama3" in (cfg.rope_scaling, theirs.rope_scaling)
+    rope = {*ROPE_KEYS.get(cfg.rope_scaling, ()), *ROPE_KEYS.get(theirs.rope_scaling, ())}
     return [
         f
         for f in MATCHED_FIELDS
         if (moe or not f.startswith("moe_"))
-        and (scaled or f == "rope_scaling" or f not in _ROPE_SCALING_FIELDS)
+        and (f in rope or f == "rope_scaling" or f not in _ROPE_SCALING_FIELDS)
     ]
 
 

@@ -192,21 +192,56 @@ def rope_parameters(hf: Any) -> dict[str, Any]:
     return params
 
 
+# model.rope_scaling (but none) -> {ModelConfig field: key in HF's rope_scaling dict (5.x:
+# rope_parameters)}, the keys each scheme reads; HF's rope_type is the scheme's name.
+ROPE_KEYS: dict[str, dict[str, str]] = {
+    "linear": {"rope_factor": "factor"},
+    "llama3": {
+        "rope_factor": "factor",
+        "rope_low_freq_factor": "low_freq_factor",
+        "rope_high_freq_factor": "high_freq_factor",
+        "rope_original_max_seq_len": "original_max_position_embeddings",
+    },
+    "yarn": {
+        "rope_factor": "factor",
+        "rope_original_max_seq_len": "original_max_position_embeddings",
+        "rope_beta_fast": "beta_fast",
+        "rope_beta_slow": "beta_slow",
+        "rope_attention_factor": "attention_factor",
+    },
+}
+# YaRN keys transformers fills in when absent (beta 32 / 1, the attention factor from the
+# factor) as our defaults do; every other key must be there.
+_ROPE_OPTIONAL = {"beta_fast", "beta_slow", "attention_factor"}
+
+
+def _scaling_keys(params: dict[str, Any], scheme: str) -> dict[str, Any]:
+    """Our rope_* keys for HF RoPE parameters of a supported `scheme` (rope_type)."""
+    if scheme == "yarn" and not params.get("truncate", True):
+        raise _refuse("rope_scaling.truncate", params["truncate"], "true (the default)")
+    if scheme == "yarn" and params.get("mscale") and params.get("mscale_all_dim"):
+        raise _refuse("rope_scaling.mscale_all_dim", params["mscale_all_dim"], "YaRN without it")
+    keys: dict[str, Any] = {"rope_scaling": scheme}
+    for field, key in ROPE_KEYS[scheme].items():
+        value = params.get(key)
+        if key in _ROPE_OPTIONAL and not value:
+            continue  # transformers' default, which is ours (beta 32 / 1, a derived factor)
+        if value is None:
+            raise _refuse(f"rope_scaling.{key}", value, f"a number for rope_type '{scheme}'")
+        keys[field] = int(value) if field == "rope_original_max_seq_len" else float(value)
+    return keys
+
+
 def _rope_keys(c: Any, family: Family) -> dict[str, Any]:
     params = rope_parameters(c)
     rotary = params.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
     if rotary not in (None, 1.0):
         raise _refuse("partial_rotary_factor", rotary, "1.0 (RoPE on the whole head)")
     keys: dict[str, Any] = {"rope_theta": params["rope_theta"]}
-    allowed = "'default' or 'llama3'" if "rope_scaling" in family.has else "'default'"
-    if params["rope_type"] == "llama3" and "rope_scaling" in family.has:
-        keys.update(
-            rope_scaling="llama3",
-            rope_factor=float(params["factor"]),
-            rope_low_freq_factor=float(params["low_freq_factor"]),
-            rope_high_freq_factor=float(params["high_freq_factor"]),
-            rope_original_max_seq_len=int(params["original_max_position_embeddings"]),
-        )
+    scaled = "rope_scaling" in family.has
+    allowed = "'default', 'linear', 'llama3' or 'yarn'" if scaled else "'default'"
+    if params["rope_type"] in ROPE_KEYS and scaled:
+        keys.update(_scaling_keys(params, params["rope_type"]))
     elif params["rope_type"] != "default":
         raise _refuse("rope_scaling.rope_type", params["rope_type"], allowed)
     return keys
@@ -371,13 +406,14 @@ def legacy_config_keys(cfg: ModelConfig) -> dict[str, Any]:
     no longer writes: RoPE as `rope_theta` / `rope_scaling` (5.x: `rope_parameters`) and
     Qwen3-MoE's `num_experts` (5.x writes its alias `num_local_experts`)."""
     keys: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_scaling": None}
-    if cfg.rope_scaling == "llama3":
+    if cfg.rope_scaling != "none":
         keys["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": cfg.rope_factor,
-            "low_freq_factor": cfg.rope_low_freq_factor,
-            "high_freq_factor": cfg.rope_high_freq_factor,
-            "original_max_position_embeddings": cfg.rope_original_max_seq_len,
+            "rope_type": cfg.rope_scaling,
+            **{
+                key: getattr(cfg, field)
+                for field, key in ROPE_KEYS[cfg.rope_scaling].items()
+                if getattr(cfg, field) or key not in _ROPE_OPTIONAL  # 0: transformers derives it
+            },
         }
     if cfg.family == "qwen3_moe":
         keys["num_experts"] = cfg.moe_experts

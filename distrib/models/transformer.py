@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,15 @@ from torch import Tensor, nn
 
 from distrib.config import ModelConfig
 from distrib.config.families import is_moe_layer, resolved_head_dim
-from distrib.models.attention import attention, document_segments
+from distrib.models.attention import DocSegments, attention, document_segments
 from distrib.models.lora import lora_a_initial
 from distrib.models.loss import causal_lm_loss, chunked_causal_lm_loss
 from distrib.models.moe import MoE
 from distrib.models.rope import apply_rope, model_rope_cache
 from distrib.models.rope import rope_cache as rope_cache  # re-exported: callers import it here
+
+# (q_BHLK, k_BGLK, v_BGLK, doc_ids_BL or their DocSegments or None, window) -> out_BHLK.
+ContextAttention = Callable[[Tensor, Tensor, Tensor, "Tensor | DocSegments | None", int], Tensor]
 
 # Projections that write into the residual stream: initialized smaller, by 1/sqrt(2 n_layers).
 _RESIDUAL_WRITERS = (
@@ -89,6 +93,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * hk, cfg.dim, bias=False)
         self.q_norm: RMSNorm | None = RMSNorm(hk, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm: RMSNorm | None = RMSNorm(hk, cfg.norm_eps) if cfg.qk_norm else None
+        # Set from outside by context parallelism (distrib.parallel.context.apply_cp): attention
+        # over this rank's share of each sequence that exchanges keys and values with the other
+        # cp ranks; called as (q, k, v, doc_ids, window) in place of `attention`.
+        self.context_parallel: ContextAttention | None = None
 
     def forward(
         self, x_BLD: Tensor, cos_PK: Tensor, sin_PK: Tensor, doc_ids_BL: Tensor | None = None
@@ -110,7 +118,10 @@ class Attention(nn.Module):
             q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
         q_BHLK = apply_rope(q_BLHK.transpose(1, 2), cos_LK, sin_LK)
         k_BGLK = apply_rope(k_BLGK.transpose(1, 2), cos_LK, sin_LK)
-        out_BHLK = attention(q_BHLK, k_BGLK, v_BGLK, self.backend, doc_ids_BL, self.window)
+        if self.context_parallel is not None:
+            out_BHLK = self.context_parallel(q_BHLK, k_BGLK, v_BGLK, doc_ids_BL, self.window)
+        else:
+            out_BHLK = attention(q_BHLK, k_BGLK, v_BGLK, self.backend, doc_ids_BL, self.window)
         return self.wo(out_BHLK.transpose(1, 2).reshape(B, L, -1))
 
 

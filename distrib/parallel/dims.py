@@ -1,13 +1,15 @@
 """ParallelDims: the degrees of a layout, checked against the world size, and its DeviceMesh.
 
-The mesh always has the four named axes ("pp", "dp_replicate", "dp_shard", "tp"), size 1 where a
-kind of parallelism is off, plus the flattened "dp" axis (replicate x shard) that the loader and
-the loss average use. Rank order puts tp innermost so tensor-parallel peers are neighbours (the
-same node, on a cluster).
+The mesh always has the five named axes ("pp", "dp_replicate", "dp_shard", "cp", "tp"), size 1
+where a kind of parallelism is off, plus the flattened "dp" axis (replicate x shard) that the
+loader uses and "dp_shard_cp" (shard x cp) over which FSDP shards and reduces: the cp ranks hold
+different tokens of the same sequences, so their gradients are summed like data-parallel ones
+(torchtitan's layout). Rank order puts tp innermost so tensor-parallel peers are neighbours (the
+same node, on a cluster), cp next.
 
 With expert parallelism (ep > 1) the shard axis is built as two, ("efsdp", "ep"), and "dp_shard"
 is their flattening: experts are split over "ep" and FSDP-sharded over "efsdp", the dense
-weights FSDP-sharded over all of "dp_shard" as without experts.
+weights FSDP-sharded over all of "dp_shard" as without experts (ep with cp > 1 is refused).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from distrib.config import ParallelConfig, TrainingConfig
 from distrib.config.rules import grad_accum_steps, pipeline_microbatches
 from distrib.errors import ConfigError
 
-AXES = ("pp", "dp_replicate", "dp_shard", "tp")
-EP_AXES = ("pp", "dp_replicate", "efsdp", "ep", "tp")
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+EP_AXES = ("pp", "dp_replicate", "efsdp", "ep", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,19 @@ class ParallelDims:
     tp: int
     pp: int
     ep: int = 1
+    cp: int = 1
 
     @classmethod
     def from_config(cls, p: ParallelConfig, world_size: int) -> ParallelDims:
         """Resolve a -1 degree from the world size and check the product; messages say which
         numbers clash and what would work."""
-        degrees = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "tp": p.tp, "pp": p.pp}
+        degrees = {
+            "dp_replicate": p.dp_replicate,
+            "dp_shard": p.dp_shard,
+            "cp": p.cp,
+            "tp": p.tp,
+            "pp": p.pp,
+        }
         known = 1
         for value in degrees.values():
             known *= value if value > 0 else 1
@@ -56,10 +65,16 @@ class ParallelDims:
             n = dims.world_size
             raise ConfigError(
                 f"the parallel layout needs a world size of {n} (parallel.dp_replicate "
-                f"{dims.dp_replicate} x dp_shard {dims.dp_shard} x tp {dims.tp} x pp {dims.pp}) "
+                f"{dims.dp_replicate} x dp_shard {dims.dp_shard} x cp {dims.cp} x tp {dims.tp} "
+                f"x pp {dims.pp}) "
                 f"but the launch has {world_size} process(es): launch {n} (e.g. torchrun "
                 f"--nproc_per_node={n}), or change the degrees to multiply to {world_size} (one "
                 "of them may be -1, inferred from the world size)"
+            )
+        if dims.ep > 1 and dims.cp > 1:
+            raise ConfigError(
+                f"parallel.ep ({dims.ep}) with parallel.cp ({dims.cp}) is not supported yet: "
+                "set one of them to 1"
             )
         if dims.dp_shard % dims.ep:
             raise ConfigError(
@@ -71,7 +86,7 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
 
     @property
     def dp(self) -> int:
@@ -87,20 +102,20 @@ class ParallelDims:
         return accum
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The named 4-D mesh over all ranks (5-D with ep > 1), with the flattened "dp" axis
-        (and with ep > 1 "dp_shard") registered."""
+        """The named 5-D mesh over all ranks (6-D with ep > 1), with the flattened "dp" axis
+        registered, and "dp_shard_cp" (or, with ep > 1, "dp_shard")."""
         if self.ep > 1:
-            shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
+            shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, 1, self.tp)
             mesh = init_device_mesh(device_type, shape, mesh_dim_names=EP_AXES)
             mesh["efsdp", "ep"]._flatten("dp_shard")  # noqa: SLF001
             mesh["dp_replicate", "efsdp", "ep"]._flatten("dp")  # noqa: SLF001
             return mesh
-        mesh = init_device_mesh(
-            device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES
-        )
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
         # One axis for "all data-parallel ranks", so loader sharding and loss averaging use a
         # single coordinate and group whatever mix of replicate and shard the layout has.
         mesh["dp_replicate", "dp_shard"]._flatten("dp")  # noqa: SLF001 - the public way in torch 2.11-2.13
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # noqa: SLF001
         return mesh
 
 

@@ -1,5 +1,5 @@
 """Apply a layout to one model part, always in the same order:
-float8 -> TP -> EP -> AC -> compile -> FSDP/DDP.
+float8 -> TP -> EP -> CP -> AC -> compile -> FSDP/DDP.
 
 Float8 first, since it swaps modules (nn.Linear -> Float8Linear) that every later step wraps or
 shards; it refuses TP, whose plan has no float8 styles. TP next, so the later wrappers see
@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from distrib.config import ParallelConfig, TrainingConfig
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.compile import apply_compile
+from distrib.parallel.context import apply_cp
 from distrib.parallel.dims import ParallelDims, submesh
 from distrib.parallel.expert import apply_ep
 from distrib.parallel.float8 import apply_float8
@@ -42,6 +43,8 @@ def parallelize(
         apply_tp(model, mesh["tp"], parallel.loss_parallel)
     if dims.ep > 1:
         apply_ep(model, mesh["ep"])
+    if dims.cp > 1:
+        apply_cp(model, mesh["cp"], parallel.cp_mode)
     # Both re-create parameters as DTensors, and torch's SequenceParallel does not carry
     # requires_grad over: refreeze what was frozen (a LoRA model's base) before FSDP wraps it.
     for name in frozen:
@@ -49,13 +52,16 @@ def parallelize(
     apply_ac(model, parallel.activation_checkpoint, parallel.activation_memory_budget)
     if training.compile:
         apply_compile(model)
-    if dims.dp_shard > 1 or (dims.dp_replicate > 1 and dims.tp > 1):
+    if uses_fsdp(dims):
         # DDP cannot reduce DTensor gradients; with TP, replication goes through HSDP's
-        # replicate axis (a shard degree of 1 shards nothing).
+        # replicate axis (a shard degree of 1 shards nothing). The cp ranks see other tokens of
+        # the same sequences: FSDP shards over them too and sums their gradients (torchtitan's
+        # dp_shard_cp), so cp alone shards like dp_shard.
         hsdp = dims.dp_replicate > 1
+        shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
         apply_fsdp(
             model,
-            submesh(mesh, "dp_replicate", "dp_shard") if hsdp else submesh(mesh, "dp_shard"),
+            submesh(mesh, "dp_replicate", shard) if hsdp else submesh(mesh, shard),
             training.dtype,
             expert_mesh=(mesh["dp_replicate", "efsdp"] if hsdp else mesh["efsdp"])
             if dims.ep > 1
@@ -68,4 +74,4 @@ def parallelize(
 
 def uses_fsdp(dims: ParallelDims) -> bool:
     """Whether `parallelize` shards with FSDP2 (which then owns the bfloat16 casting)."""
-    return dims.dp_shard > 1 or (dims.dp_replicate > 1 and dims.tp > 1)
+    return dims.dp_shard > 1 or dims.cp > 1 or (dims.dp_replicate > 1 and dims.tp > 1)

@@ -208,3 +208,43 @@ def test_generate_chat_needs_a_fine_tuned_run(
     capsys.readouterr()
     assert main(["generate", f"--run_dir={base_run}", "--chat", "--max_new_tokens=1"]) == 2
     assert "no chat_template.jinja" in capsys.readouterr().err
+
+
+def test_context_extension_from_the_run_under_cp(
+    base_run: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """configs/long_context_debug.toml's recipe on the tiny run: 4x longer sequences, RoPE
+    scaled anew (llama3 over the 64 positions it was trained on), each sequence split over two
+    ranks; the weights and the other model keys come from the run."""
+    from tests.support.runs import run_train
+
+    rope = {"rope_scaling": "llama3", "rope_factor": 4.0, "rope_original_max_seq_len": 64}
+    source = f"run:{base_run}"
+    # Set explicitly, the RoPE keys are ours; left out, the run's (no scaling).
+    ours = run_model_config(ModelConfig(init_from=source, **rope), set(rope))
+    assert (ours.rope_scaling, ours.rope_factor, ours.rope_original_max_seq_len) == (
+        "llama3",
+        4.0,
+        64,
+    )
+    assert run_model_config(ModelConfig(init_from=source, **rope), set()).rope_scaling == "none"
+    flags = [f"--model.{key}={value}" for key, value in rope.items()]
+    run_train(
+        2,
+        [
+            f"--model.init_from={source}",
+            f"--data.dir={data_dir}",
+            f"--job.run_dir={tmp_path}",
+            *flags,
+            "--parallel.cp=2",
+            "--training.steps=2",
+            *[f for f in FINETUNE if "max_documents" not in f and "val_fraction" not in f],
+        ],
+    )
+    saved = json.loads((tmp_path / "config.json").read_text())["model"]
+    base = json.loads((base_run / "config.json").read_text())["model"]
+    assert {key: saved[key] for key in rope} == rope
+    assert (saved["dim"], saved["n_layers"], saved["max_seq_len"]) == (base["dim"], 4, 256)
+    # Trained weights, not a fresh init: the first loss is below the base run's first.
+    base_first = records(base_run)[0]["loss"]
+    assert records(tmp_path)[0]["loss"] < base_first - 0.5

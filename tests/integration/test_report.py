@@ -70,7 +70,7 @@ def test_report_of_two_real_runs(
         assert row[5] == f"{sum(steady) / len(steady):,.0f}"
         assert row[6] == "n/a"  # no MFU on CPU
         assert row[7] == f"{recs[-1]['elapsed_s']:.1f} s"
-        assert row[8:] == ["1 x 1 x 1 x 1", "float32"]
+        assert row[8:] == ["1 x 1 x 1 x 1 x 1", "float32"]
 
 
 def _write_run(run: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from distrib.cli import main
 from distrib.commands.export import export_run
 from distrib.config import CheckpointConfig, Config, ModelConfig, to_dict
 from distrib.data.tokenizer import Tokenizer, train_bpe
-from distrib.errors import CheckpointError, ExportError
-from distrib.models.hf import hf_config, model_config_from_hf
+from distrib.errors import CheckpointError, ConfigError, ExportError
+from distrib.models.hf import hf_config, init_from_model_config, model_config_from_hf
+from distrib.models.hf_families import legacy_config_keys
 from distrib.models.transformer import Transformer
 from distrib.parallel.activation import apply_ac
 from distrib.parallel.init import load_hf_weights, materialize
@@ -108,6 +110,47 @@ def test_config_round_trip(tied: bool) -> None:
     assert model_config_from_hf({**v4, "rope_theta": 500.0, "rope_scaling": None}) == back
 
 
+# A YaRN config as transformers writes it: max_position_embeddings (64) = factor x original.
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 500.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_scaling": "linear", "rope_factor": 2.0},
+        {"rope_scaling": "llama3", "rope_factor": 4.0, "rope_original_max_seq_len": 16},
+        {"rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_seq_len": 16},
+        {
+            "rope_scaling": "yarn",
+            "rope_factor": 4.0,
+            "rope_original_max_seq_len": 16,
+            "rope_beta_fast": 16.0,
+            "rope_beta_slow": 2.0,
+            "rope_attention_factor": 1.25,
+        },
+    ],
+    ids=["linear", "llama3", "yarn", "yarn-explicit"],
+)
+def test_rope_scaling_round_trip(rope: dict) -> None:
+    """Each scheme's keys go to HF's rope_parameters (5.x) and rope_scaling (4.x) and back."""
+    cfg = tiny_cfg(**rope)
+    back = model_config_from_hf(hf_config(cfg))
+    assert back == dataclasses.replace(cfg, attention="auto")
+    exported = hf_config(cfg).to_dict()
+    assert exported["rope_parameters"]["rope_type"] == rope["rope_scaling"]
+    v4 = {k: v for k, v in exported.items() if k != "rope_parameters"}
+    scaling = legacy_config_keys(cfg)["rope_scaling"]
+    assert model_config_from_hf({**v4, "rope_theta": 500.0, "rope_scaling": scaling}) == back
+    hf = transformers.LlamaForCausalLM(hf_config(cfg)).model.rotary_emb
+    attention_factor = rope.get("rope_attention_factor", 0.1 * math.log(4.0) + 1)
+    assert hf.attention_scaling == (attention_factor if rope["rope_scaling"] == "yarn" else 1.0)
+
+
 @pytest.mark.parametrize(
     "change, field",
     [
@@ -117,17 +160,10 @@ def test_config_round_trip(tied: bool) -> None:
         ({"mlp_bias": True}, "mlp_bias"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        (
-            {
-                "rope_parameters": {
-                    "rope_type": "yarn",
-                    "rope_theta": 500.0,
-                    "factor": 8.0,
-                    "original_max_position_embeddings": 16,
-                }
-            },
-            "rope_type",
-        ),
+        ({"rope_parameters": {**_YARN, "rope_type": "dynamic"}}, "rope_type"),
+        ({"rope_parameters": {**_YARN, "truncate": False}}, "truncate"),
+        ({"rope_parameters": {**_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}, "mscale_all_dim"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0}}, "factor"),
     ],
 )
 def test_unsupported_architecture_names_field(change: dict, field: str) -> None:
@@ -211,6 +247,27 @@ def test_import_matches_transformers(tmp_path: Path, tied: bool, ac: str) -> Non
     torch.testing.assert_close(got_BLV, expected_BLV, rtol=0, atol=ATOL)
 
 
+def test_import_yarn_matches_keys_it_reads(tmp_path: Path) -> None:
+    """A YaRN folder sets the YaRN keys; a contradicting one is refused naming both values; the
+    attention factor compares as resolved (0 is the derived value written out)."""
+    cfg = tiny_cfg(
+        rope_scaling="yarn", rope_factor=4.0, rope_original_max_seq_len=16, rope_beta_fast=16.0
+    )
+    derived = dataclasses.replace(cfg, rope_attention_factor=0.1 * math.log(4.0) + 1)
+    random_hf(derived, tmp_path)
+    plain = tiny_cfg(init_from=f"hf:{tmp_path}", rope_low_freq_factor=2.0)  # llama3's: not read
+    got = init_from_model_config(plain, explicit={"rope_low_freq_factor"})
+    assert got == dataclasses.replace(derived, init_from=plain.init_from, rope_low_freq_factor=2.0)
+    with pytest.raises(ConfigError, match=r"rope_beta_fast = 32.0 contradicts .*beta_fast = 16.0"):
+        init_from_model_config(plain, explicit={"rope_beta_fast"})
+    model = build(cfg, seed=1)
+    load_hf_weights([model], str(tmp_path), cfg)  # rope_attention_factor 0: the same factor
+    with pytest.raises(CheckpointError, match="model.rope_attention_factor = 1.5 but"):
+        load_hf_weights([model], str(tmp_path), dataclasses.replace(cfg, rope_attention_factor=1.5))
+    with pytest.raises(CheckpointError, match="model.rope_scaling = 'linear' but .*'yarn'"):
+        load_hf_weights([model], str(tmp_path), dataclasses.replace(cfg, rope_scaling="linear"))
+
+
 def test_import_into_pipeline_stage(tmp_path: Path) -> None:
     """A stage holding only the last layer and the head takes just its own tensors."""
     cfg = tiny_cfg(tie_embeddings=False)
@@ -273,7 +330,7 @@ def test_import_refusals(tmp_path: Path) -> None:
         load_hf_weights([model], str(tmp_path), cfg)
     original = (tmp_path / "config.json").read_text()
     config = json.loads(original)
-    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="rope_type"):
         load_hf_weights([model], str(tmp_path), cfg)

@@ -3,10 +3,11 @@
 For each supported architecture a tiny random model is made with that family's transformers
 config class (grouped-query attention everywhere; Qwen2 biases; Qwen3 qk-norm with a head dim
 other than dim / n_heads; a sliding window shorter than the test sequence; Llama 3.1 RoPE
-scaling in all three of its frequency bands; Mixtral and Qwen3-MoE with four experts, top-2,
-Qwen3-MoE with a leading dense layer and norm_topk_prob both ways), saved with save_pretrained,
-loaded into our model from the folder (`model.init_from`'s path) and compared with
-transformers' logits; then our export, loaded back by transformers, must give the same logits.
+scaling in all three of its frequency bands, linear and YaRN scaling; Mixtral and Qwen3-MoE
+with four experts, top-2, Qwen3-MoE with a leading dense layer and norm_topk_prob both ways),
+saved with save_pretrained, loaded into our model from the folder (`model.init_from`'s path)
+and compared with transformers' logits; then our export, loaded back by transformers, must give
+the same logits.
 
 Shape legend: B batch, L sequence, V vocab.
 """
@@ -66,6 +67,20 @@ _MOE = {"num_experts_per_tok": 2}
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", {"rope_scaling": _LLAMA3}),
     "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True, "head_dim": 16}),
+    "llama-linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    # Head dim 16, theta 500, 16 original positions: frequency 0 kept, 1 blended half and
+    # half, 2 to 7 divided by the factor; cos and sin times 0.1 ln 4 + 1.
+    "llama-yarn": (
+        "LlamaConfig",
+        {
+            "head_dim": 16,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+    ),
     "qwen2": ("Qwen2Config", {}),
     "qwen2-window": (
         "Qwen2Config",

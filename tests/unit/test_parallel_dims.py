@@ -23,6 +23,17 @@ def test_product_must_equal_world() -> None:
         ParallelDims.from_config(ParallelConfig(dp_shard=-1, tp=3), world_size=8)
 
 
+def test_cp_counts_in_the_world_size_and_refuses_ep() -> None:
+    dims = ParallelDims.from_config(ParallelConfig(dp_shard=-1, cp=2, tp=2), world_size=8)
+    assert (dims.dp_shard, dims.cp, dims.tp, dims.dp, dims.world_size) == (2, 2, 2, 2, 8)
+    with pytest.raises(
+        ConfigError, match=r"dp_shard 1 x cp 2 x tp 1 x pp 1\) but the launch has 4"
+    ):
+        ParallelDims.from_config(ParallelConfig(cp=2), world_size=4)
+    with pytest.raises(ConfigError, match=r"parallel.ep \(2\) with parallel.cp \(2\)"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=2, ep=2, cp=2), world_size=4)
+
+
 def test_batch_must_split_over_data_parallel_ranks_and_pipeline() -> None:
     cfg = load_config(None, ["--training.global_batch_size=8", "--training.micro_batch_size=4"])
     dims = ParallelDims.from_config(ParallelConfig(dp_shard=2), world_size=2)
@@ -51,6 +62,17 @@ def test_batch_must_split_over_data_parallel_ranks_and_pipeline() -> None:
         (["--parallel.pp=2", "--parallel.pp_split_points=x", *UNTIED], "comma-separated"),
         (["--parallel.pp=2", "--parallel.pp_split_points=4", *UNTIED], "within"),
         (["--parallel.pp=2", "--data.cross_document_attention=false", *UNTIED], "document ids"),
+        (["--parallel.cp=3"], r"data.seq_len \(256\) must be a multiple of 6; valid cp: \[1, 2, 4"),
+        (["--parallel.cp=0"], "parallel.cp must be >= 1"),
+        (
+            ["--parallel.cp=8", "--parallel.tp=2", "--parallel.cp_mode=alltoall", *UNTIED],
+            r"4 query heads \(model.n_heads 8 / parallel.tp 2\) over parallel.cp = 8",
+        ),
+        (
+            ["--parallel.cp=3", "--parallel.cp_mode=alltoall", "--data.seq_len=252", *UNTIED],
+            r"which must divide them; use parallel.cp_mode = 'ring' or cp in \[1, 2, 4, 8\]",
+        ),
+        (["--parallel.cp=2", "--parallel.engine=deepspeed"], r"parallel.cp must be 1 \(got 2\)"),
         (["--parallel.tp=-1", "--parallel.pp=-1"], "at most one"),
         (["--parallel.dp_shard=0"], "positive or -1"),
         (["--parallel.activation_checkpoint=some"], "valid: none, full, selective"),
