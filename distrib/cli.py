@@ -97,7 +97,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="output folder (default: <first RUN_DIR>/report)"
     )
     _sweep_parser(sub)
+    _plan_parser(sub)
     return parser
+
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser(
+        "plan",
+        help="predict per-GPU memory and speed of every layout of a config on N GPUs; rank "
+        "those that fit",
+        description="distrib plan --config C --gpus N [--gpu h100] [--section.key=value ...]. "
+        "See docs/planning.md.",
+    )
+    pl.add_argument("--config", type=Path, default=None, help=_CONFIG_HELP)
+    pl.add_argument("--gpus", type=int, required=True, help="how many GPUs in all")
+    pl.add_argument("--gpu", default="h100", help="device key in the devices file (default h100)")
+    pl.add_argument("--gpu-memory", type=float, default=0.0, help="GB per GPU, if not the device's")
+    pl.add_argument("--nodes", type=int, default=0, help="nodes the GPUs are spread over")
+    pl.add_argument(
+        "--gpus-per-node", type=int, default=0, help="GPUs per node (default: the device's)"
+    )
+    pl.add_argument("--devices", type=Path, default=None, help="a TOML of more devices")
+    pl.add_argument("--top", type=int, default=15, help="how many layouts to list")
+    pl.add_argument("--explain", default=None, metavar="LAYOUT", help="one layout's arithmetic")
+
+
+def cmd_plan(args: argparse.Namespace, cfg: Config) -> None:
+    from distrib.commands.plan import run_plan
+
+    print(
+        run_plan(
+            cfg,
+            args.gpus,
+            args.gpu,
+            args.gpu_memory,
+            args.nodes,
+            args.gpus_per_node,
+            args.devices,
+            args.top,
+            args.explain,
+        )
+    )
 
 
 def _sweep_parser(sub: argparse._SubParsersAction) -> None:
@@ -306,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _init_tokenizer(load_config(args.config, rest, resolve_model=_from_init_folder))
         if args.command == "train":
             cmd_train(cfg)
+        elif args.command == "plan":
+            cmd_plan(args, cfg)
         else:
             cmd_prepare(cfg, args.force, args.verify, _task(args, cfg), args.tokenizer_only)
     except UserError as err:
