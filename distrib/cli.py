@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _sweep_parser(sub)
     _plan_parser(sub)
+    _tune_parser(sub)
     return parser
 
 
@@ -120,6 +121,41 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--devices", type=Path, default=None, help="a TOML of more devices")
     pl.add_argument("--top", type=int, default=15, help="how many layouts to list")
     pl.add_argument("--explain", default=None, metavar="LAYOUT", help="one layout's arithmetic")
+
+
+def _tune_parser(sub: argparse._SubParsersAction) -> None:
+    tu = sub.add_parser(
+        "tune",
+        help="run the planner's best layouts for a few steps here; write the fastest as a "
+        "config and the measured efficiency as a devices file",
+        description="distrib tune --config C --nproc N [--section.key=value ...]. See "
+        "docs/planning.md.",
+    )
+    tu.add_argument("--config", type=Path, default=None, help=_CONFIG_HELP)
+    tu.add_argument("--nproc", type=int, required=True, help="processes (GPUs) on this node")
+    tu.add_argument("--gpu", default=None, help="device key (default: this machine's)")
+    tu.add_argument("--devices", type=Path, default=None, help="a TOML of more devices")
+    tu.add_argument("--top", type=int, default=3, help="how many layouts to run")
+    tu.add_argument("--steps", type=int, default=20, help="training steps per layout")
+    tu.add_argument("--dir", type=Path, default=Path("tune"), help="output folder")
+
+
+def cmd_tune(args: argparse.Namespace, cfg: Config, rest: list[str]) -> None:
+    from distrib.commands.tune import TuneSetup, run_tune
+
+    config = args.config.resolve() if args.config else None
+    print(
+        run_tune(
+            cfg,
+            TuneSetup(config, rest),
+            args.nproc,
+            args.dir,
+            args.gpu,
+            args.devices,
+            args.top,
+            args.steps,
+        )
+    )
 
 
 def cmd_plan(args: argparse.Namespace, cfg: Config) -> None:
@@ -348,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(cfg)
         elif args.command == "plan":
             cmd_plan(args, cfg)
+        elif args.command == "tune":
+            cmd_tune(args, cfg, rest)
         else:
             cmd_prepare(cfg, args.force, args.verify, _task(args, cfg), args.tokenizer_only)
     except UserError as err:

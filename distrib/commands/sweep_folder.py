@@ -18,7 +18,7 @@ import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomli_w
 
@@ -86,8 +86,15 @@ def _nest(data: dict[str, Any], key: str, value: Any) -> None:
     data.setdefault(section, {})[name] = value
 
 
+class ConfigSource(Protocol):
+    """A training config file (None: the defaults) and the overrides applied to it."""
+
+    config: Path | None
+    overrides: list[str]
+
+
 def write_config(
-    path: Path, setup: SweepSetup, params: dict[str, Any], run_dir: Path, description: str
+    path: Path, setup: ConfigSource, params: dict[str, Any], run_dir: Path, description: str
 ) -> Path:
     """A complete TOML config: the sweep's training config with its overrides and `params`,
     training into `run_dir`. Values are written with their config types (1e-3, not "1e-3").

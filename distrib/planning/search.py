@@ -168,5 +168,16 @@ def plan(cfg: Config, gpus: int, device: Device, gpus_per_node: int) -> list[Est
         if key not in counted:
             counted[key] = state_counts(layout.apply(cfg), gpus)
         out.append(estimate(cfg, layout, gpus, device, gpus_per_node, counted[key]))
-    # Equal speed: the layout with more memory to spare first.
-    return sorted(out, key=lambda e: (not e.fits, -e.tokens_per_s_per_gpu, e.memory.total))
+    # Equal predicted speed: less recomputation first (the model counts selective
+    # checkpointing's elementwise recomputation as free, which it is not everywhere), then
+    # larger micro-batches (kernels run fuller), then more memory to spare.
+    return sorted(
+        out,
+        key=lambda e: (
+            not e.fits,
+            -round(e.tokens_per_s_per_gpu, 6),
+            AC_MODES.index(e.layout.ac),
+            -e.layout.micro_batch_size,
+            e.memory.total,
+        ),
+    )

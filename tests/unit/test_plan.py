@@ -91,7 +91,7 @@ def test_memory_and_time_respond_as_they_should() -> None:
 
 def test_devices_file_adds_and_refuses(tmp_path: Path) -> None:
     builtin = load_devices()
-    assert {"h100", "h200", "a100", "b200"} <= set(builtin)
+    assert {"h100", "h200", "a100", "b200", "cpu"} <= set(builtin)
     extra = tmp_path / "mine.toml"
     fields = {**vars(builtin["h100"])}
     fields.pop("key")
@@ -100,7 +100,7 @@ def test_devices_file_adds_and_refuses(tmp_path: Path) -> None:
     extra.write_text(extra.read_text().replace("'", '"'))
     assert load_devices(extra)["mine"].name == "Mine"
     assert find_device("h100", builtin, 40.0).memory_gb == 40.0
-    with pytest.raises(ConfigError, match="unknown device; known: a100, b200, h100, h200"):
+    with pytest.raises(ConfigError, match="unknown device; known: a100, b200, cpu, h100, h200"):
         find_device("tpu", builtin)
     extra.write_text('[broken]\nname = "x"\n')
     with pytest.raises(ConfigError, match=r"device \[broken\] lacks \['comm_efficiency'"):
