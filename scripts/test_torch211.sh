@@ -9,7 +9,9 @@
 # (test_resilience.py: DCP background saves, resharding, restarts), the DeepSpeed engine
 # (test_deepspeed.py), expert parallelism (test_expert_parallel.py: torch 2.11's pipeline
 # infers shapes on meta tensors, 2.13's on real ones) and LoRA under FSDP2 and TP
-# (test_lora_parallel.py: its TP styles extend torch's private _partition_linear_fn). Left to the main suite on 2.13: the other distributed tests,
+# (test_lora_parallel.py: its TP styles extend torch's private _partition_linear_fn) and
+# context-parallel attention (test_context_attention.py: P2P ring and functional all-to-all).
+# The planner's unit tests run here too (torch's fake process group). Left to the main suite on 2.13: the other distributed tests,
 # integration, launchers and Slurm.
 #
 # PyPI has only the CUDA build of torch 2.11 for Linux: it brings about 4 GB of CUDA libraries
@@ -46,4 +48,5 @@ exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=10 \
   tests/distributed/test_expert_parallel.py \
   tests/distributed/test_lora_parallel.py \
   tests/integration/test_streaming.py \
+  tests/distributed/test_context_attention.py \
   "$@"
