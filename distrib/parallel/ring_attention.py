@@ -110,6 +110,24 @@ def _pair_mask(
     return (same_BCC if allowed is None else same_BCC & allowed)[:, None]
 
 
+def _blocks(
+    ring: Ring,
+    source: int,
+    chunk: int,
+    window: int,
+    q_docs_BN: Tensor | None,
+    k_docs_BN: Tensor | None,
+    device: torch.device,
+) -> Iterator[tuple[slice, slice, Tensor | None]]:
+    """(this rank's query rows, `source`'s key rows, their mask) of every pair of chunks to
+    compute (see `_pairs`)."""
+    for a, b, q_chunk, k_chunk in _pairs(ring.rank, source, ring.size, chunk, window):
+        qs, ks = slice(a * chunk, (a + 1) * chunk), slice(b * chunk, (b + 1) * chunk)
+        q_docs = None if q_docs_BN is None else q_docs_BN[:, qs]
+        k_docs = None if k_docs_BN is None else k_docs_BN[:, ks]
+        yield qs, ks, _pair_mask(q_chunk, k_chunk, chunk, window, q_docs, k_docs, device)
+
+
 def _scores(q_BHCK: Tensor, k_BHCK: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     s_BHCC = (q_BHCK @ k_BHCK.transpose(-2, -1)) * scale
     return s_BHCC if mask is None else s_BHCC.masked_fill(~mask, float("-inf"))
@@ -153,6 +171,7 @@ def _ring_forward(
     q_BHNK: Tensor, k_BGNK: Tensor, v_BGNK: Tensor, docs_BN: Tensor | None, ring: Ring, window: int
 ) -> tuple[Tensor, Tensor]:
     B, H, N, K = q_BHNK.shape
+    device = q_BHNK.device
     chunk, n_rep, scale = N // 2, H // k_BGNK.shape[1], K**-0.5
     q_BHNK = _upcast(q_BHNK)
     out_BHNK = torch.zeros_like(q_BHNK)
@@ -163,17 +182,7 @@ def _ring_forward(
         source = (ring.rank - step) % ring.size
         k_BHNK, v_BHNK = _repeat(held[0][0], n_rep), _repeat(held[0][1], n_rep)
         k_docs = held[1] if docs_BN is not None else None
-        for a, b, q_chunk, k_chunk in _pairs(ring.rank, source, ring.size, chunk, window):
-            qs, ks = slice(a * chunk, (a + 1) * chunk), slice(b * chunk, (b + 1) * chunk)
-            mask = _pair_mask(
-                q_chunk,
-                k_chunk,
-                chunk,
-                window,
-                None if docs_BN is None else docs_BN[:, qs],
-                None if k_docs is None else k_docs[:, ks],
-                q_BHNK.device,
-            )
+        for qs, ks, mask in _blocks(ring, source, chunk, window, docs_BN, k_docs, device):
             o_BHCK, lse_BHC = _block(
                 q_BHNK[:, :, qs], k_BHNK[:, :, ks], v_BHNK[:, :, ks], mask, scale
             )
@@ -200,6 +209,7 @@ def _ring_backward(
     window: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     B, H, N, K = q_BHNK.shape
+    device = q_BHNK.device
     chunk, n_rep, scale = N // 2, H // k_BGNK.shape[1], K**-0.5
     qf_BHNK, do_BHNK = _upcast(q_BHNK), _upcast(dout_BHNK)
     delta_BHN = (do_BHNK * _upcast(out_BHNK)).sum(-1)  # rowsum(dO * O), flash attention's D
@@ -213,17 +223,7 @@ def _ring_backward(
         k_BHNK, v_BHNK = _repeat(held[0][0], n_rep), _repeat(held[0][1], n_rep)
         k_docs = held[1] if docs_BN is not None else None
         dk_BHNK, dv_BHNK = torch.zeros_like(k_BHNK), torch.zeros_like(v_BHNK)
-        for a, b, q_chunk, k_chunk in _pairs(ring.rank, source, ring.size, chunk, window):
-            qs, ks = slice(a * chunk, (a + 1) * chunk), slice(b * chunk, (b + 1) * chunk)
-            mask = _pair_mask(
-                q_chunk,
-                k_chunk,
-                chunk,
-                window,
-                None if docs_BN is None else docs_BN[:, qs],
-                None if k_docs is None else k_docs[:, ks],
-                q_BHNK.device,
-            )
+        for qs, ks, mask in _blocks(ring, source, chunk, window, docs_BN, k_docs, device):
             q_BHCK, k_BHCK, do_BHCK = qf_BHNK[:, :, qs], k_BHNK[:, :, ks], do_BHNK[:, :, qs]
             p_BHCC = torch.exp(_scores(q_BHCK, k_BHCK, mask, scale) - lse_BHN[:, :, qs, None])
             dv_BHNK[:, :, ks] += p_BHCC.transpose(-2, -1) @ do_BHCK
