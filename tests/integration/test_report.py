@@ -121,7 +121,7 @@ def test_load_run_keeps_last_step_and_sums_restarts(tmp_path: Path) -> None:
     # Steps 1 and 3 open a (re)start; step 2 kept no tokens_per_s.
     assert s["tokens_per_s"] == pytest.approx(220.0)
     assert s["mfu"] is None
-    assert s["layout"] == "1 x 2 x 2 x 1"  # dp_shard=-1 from 4 devices (220 / 55)
+    assert s["layout"] == "1 x 2 x 1 x 2 x 1"  # dp_shard=-1 from 4 devices (220 / 55); cp 1
     assert s["dtype"] == "bfloat16"
 
 
