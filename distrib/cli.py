@@ -236,7 +236,15 @@ def cmd_train(cfg: Config) -> None:
     global _launched
     launch = detect_launch()
     _launched = launch.distributed
-    _check_layout(cfg, launch.world_size)
+    if cfg.parallel.fault_tolerance:
+        from distrib.config.replica_rules import replica_group_config
+        from distrib.parallel.replicas import replica_group_index, replica_group_run
+
+        # This launch is one replica group: its layout, in its own folder of the run.
+        cfg = replica_group_run(cfg, replica_group_index(cfg))
+        _check_layout(replica_group_config(cfg), launch.world_size)
+    else:
+        _check_layout(cfg, launch.world_size)
     report = (lambda line: print(f"distrib: {line}", flush=True)) if launch.rank == 0 else None
     shards = check_dataset(cfg.data, cfg.model, report)
     runtime = init_runtime(launch=launch)

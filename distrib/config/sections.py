@@ -223,6 +223,29 @@ class TrainingConfig:
         0.0, "treat a loss above this multiple of its running mean like a NaN (0: off)"
     )
     spike_window: int = _f(50, "steps in the running mean that spike_threshold compares against")
+    optimizer: Literal["adamw", "sgd"] = _f(
+        "adamw", "the (inner) optimizer: AdamW, or SGD with training.momentum (Nesterov)"
+    )
+    momentum: float = _f(0.0, "sgd only: momentum (0: plain SGD)")
+    sync: Literal["every_step", "local_sgd", "diloco"] = _f(
+        "every_step",
+        "how fault-tolerant replica groups (parallel.fault_tolerance) agree: average gradients "
+        "every step; local_sgd: average parameters every sync_every steps; diloco: an outer "
+        "Nesterov step on the averaged change every sync_every steps",
+    )
+    sync_every: int = _f(8, "local_sgd / diloco: inner steps between synchronizations (H)")
+    sync_delay: int = _f(
+        0,
+        "diloco: inner steps the average may take before it is applied, hiding the exchange "
+        "behind computation (0: wait at once; up to sync_every - 1, about one round late)",
+    )
+    sync_merge: float = _f(
+        0.5,
+        "diloco with sync_delay: weight of the inner steps taken while the average was in flight, "
+        "mixed into the outer step's result (0: dropped; Streaming DiLoCo's alpha)",
+    )
+    outer_lr: float = _f(0.7, "diloco: the outer optimizer's learning rate")
+    outer_momentum: float = _f(0.9, "diloco: the outer optimizer's Nesterov momentum")
 
 
 @dataclass
@@ -240,6 +263,17 @@ class ParallelConfig:
         1,
         "context-parallel degree: each sequence split over this many ranks (load-balanced "
         "chunks), attention exchanging keys and values between them; divides data.seq_len / 2",
+    )
+    fault_tolerance: bool = _f(
+        False,
+        "dp_replicate replica groups, each its own torchrun job, join a torchft quorum each step: "
+        "a lost group leaves the others training, and rejoins with a healthy peer's state",
+    )
+    min_replica_groups: int = _f(
+        1, "fault_tolerance: the fewest replica groups that may commit a step"
+    )
+    ft_timeout_s: float = _f(
+        60.0, "fault_tolerance: seconds before a collective or quorum call counts as failed"
     )
     cp_mode: Literal["ring", "alltoall"] = _f(
         "ring",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from distrib.config import families, rules
 from distrib.config.mixture import parse_schedule, parse_sources
+from distrib.config.replica_rules import validate_replicas
 from distrib.config.sections import (
     SECTIONS,
     Config,
@@ -52,6 +53,7 @@ def validate(cfg: Config) -> None:
     _validate_model(m)
     _validate_data(d, m)
     _validate_training(t)
+    validate_replicas(cfg)  # before the layout's own rules: dp_replicate counts groups here
     _validate_parallel(p, m, d, t)
     _validate_compute(t, p)
     _check(
@@ -75,7 +77,9 @@ def _fits_launch(p: ParallelConfig) -> bool:
     sizes = {os.environ[key] for key in _LAUNCH_SIZE_VARS if key in os.environ}
     if not sizes:
         return True
-    degrees = (p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp)
+    # Each fault-tolerant replica group is a launch of its own: dp_replicate counts them.
+    replicate = 1 if p.fault_tolerance else p.dp_replicate
+    degrees = (replicate, p.dp_shard, p.cp, p.tp, p.pp)
     return -1 not in degrees and sizes == {str(math.prod(degrees))}
 
 

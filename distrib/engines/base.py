@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from distrib.data.loader import Batch
 from distrib.engines.objectives import Objective
 from distrib.parallel.expert import ExpertBalance
+from distrib.parallel.replicas import ReplicaGroups
 
 
 @dataclass
@@ -41,6 +42,9 @@ class StepResult:
     skipped: bool = False  # the update was not applied (`accept` refused it)
     local_loss: torch.Tensor | None = None  # this rank's own mean loss, to name failing ranks
     metrics: dict[str, torch.Tensor] | None = None  # the objective's figures (DPO rewards)
+    # False when fault-tolerant replica groups did not all finish the step: nothing was
+    # applied, the schedule did not move, and the step is redone with the next batch.
+    committed: bool = True
 
 
 # Decides, from the step's global loss and gradient norm (the same on every rank), whether the
@@ -52,6 +56,7 @@ class Engine(Protocol):
     """What the training loop needs from an engine; `NativeEngine` and `DeepSpeedEngine`."""
 
     model: nn.Module
+    replicas: ReplicaGroups | None  # this job's replica group under fault tolerance
 
     def train_step(
         self,
@@ -70,6 +75,15 @@ class Engine(Protocol):
     def checkpoint_state(self) -> dict[str, Any]:
         """The engine's part of a checkpoint, as `Stateful` objects (or one object that writes
         its own files, `distrib.checkpoint.state.OwnFormat`), keyed by name."""
+        ...
+
+    def replica_state(self) -> dict[str, Any]:
+        """This rank's model, optimizer and schedule as a healing replica group receives
+        them (fault tolerance; the native engine only)."""
+        ...
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        """Take a peer replica group's `replica_state` as this rank's own."""
         ...
 
     def expert_metrics(self) -> dict[str, Any]:
@@ -128,6 +142,8 @@ class StepEngine:
     device: torch.device
     objective: Objective
     experts: ExpertBalance | None = None  # set where the model has MoE layers
+    replicas: ReplicaGroups | None = None  # set under fault tolerance (native engine)
+    _committed = True  # whether the last update was committed by every replica group
 
     def _accumulate(self, batches: list[Batch]) -> torch.Tensor:
         """Forward and backward every micro-batch; the sum of this rank's losses (zero where
@@ -161,7 +177,8 @@ class StepEngine:
             loss=mean,
             grad_norm=grad_norm,
             timings=timer.timings(),
-            skipped=not applied,
+            skipped=not applied and self._committed,
+            committed=self._committed,
             local_loss=local,
             metrics=self.objective_metrics(),
         )

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from torch import nn
 
 from distrib.config import Config, LoraConfig, ModelConfig
+from distrib.config.replica_rules import replica_group_config
 from distrib.engines.base import Engine
 from distrib.engines.native import NativeEngine
 from distrib.engines.objectives import build_objective
@@ -20,6 +21,7 @@ from distrib.parallel.expert import expert_balance
 from distrib.parallel.init import load_hf_weights, materialize
 from distrib.parallel.parallelize import parallelize, uses_fsdp
 from distrib.parallel.pipeline import build_pipeline
+from distrib.parallel.replicas import start_replica_groups
 from distrib.parallel.tensor import loss_context
 from distrib.runtime import Runtime
 
@@ -51,8 +53,21 @@ def build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
     """Build the model on meta, parallelize it as `cfg.parallel` says (whole, or cut into this
     rank's pipeline stages), materialize it and wrap it in the engine.
 
-    Returns the engine and this rank's (data-parallel rank, data-parallel size).
+    Returns the engine and this rank's (data-parallel rank, data-parallel size). With fault
+    tolerance, the layout is one replica group's (the engine's `replicas` joins it to the
+    others), and the data-parallel coordinate counts every group's ranks: each group reads its
+    own share of the batch.
     """
+    replicas = start_replica_groups(cfg, runtime)
+    if replicas is None:
+        return _build_engine(cfg, runtime)
+    engine, dp_rank, dp_size = _build_engine(replica_group_config(cfg), runtime)
+    engine.replicas = replicas
+    replicas.attach(engine)
+    return engine, replicas.index * dp_size + dp_rank, cfg.parallel.dp_replicate * dp_size
+
+
+def _build_engine(cfg: Config, runtime: Runtime) -> tuple[Engine, int, int]:
     if cfg.parallel.engine == "deepspeed":
         from distrib.engines.deepspeed.build import build_deepspeed_engine
 

@@ -21,6 +21,7 @@ from distrib.engines.optim import build_optimizer, build_scheduler
 from distrib.models.moe import set_aux_loss_scale
 from distrib.parallel.context import ContextParallel
 from distrib.parallel.fsdp import set_gradient_sync
+from distrib.parallel.replicas import load_local_state
 
 
 class NativeEngine(StepEngine):
@@ -124,8 +125,15 @@ class NativeEngine(StepEngine):
 
     def _update(self, mean: torch.Tensor, accept: Accept | None) -> tuple[torch.Tensor, bool]:
         # A refused update drops the gradients; the schedule still advances.
+        if self.replicas is not None:  # fault tolerance: average over the replica groups first
+            self.replicas.average_gradients(self._params)
         grad_norm = self._clip_grad_norm()
         apply = accept is None or accept(mean, grad_norm)
+        self._committed = self.replicas is None or self.replicas.commit()
+        if not self._committed:  # a group failed mid-step: nothing moves, not even the schedule
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return grad_norm, False
         for opt, scheduler in zip(self.optimizers, self.schedulers, strict=True):
             if apply:
                 opt.step()
@@ -182,12 +190,29 @@ class NativeEngine(StepEngine):
     def checkpoint_state(self) -> dict[str, Any]:
         """Weights, optimizer moments and LR schedule as DCP `Stateful` objects: each rank
         writes its own shards, and any layout can load them back."""
-        return {
+        state: dict[str, Any] = {
             # Frozen parameters (a LoRA run's base) are rebuilt from model.init_from: not saved.
             "model": ModelState(self.parts, trainable_only=self._has_frozen()),
             "optimizer": OptimizerState(self.parts, self.optimizers),
             "scheduler": SchedulerState(self.schedulers),
         }
+        if self.replicas is not None and self.replicas.outer is not None:
+            state["outer_optimizer"] = OptimizerState(self.parts, self.replicas.outer)  # DiLoCo
+        return state
+
+    def replica_state(self) -> dict[str, Any]:
+        """See `Engine.replica_state`."""
+        return {
+            "model": [part.state_dict() for part in self.parts],
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+        }
+
+    def load_replica_state(self, state: dict[str, Any]) -> None:
+        """See `Engine.load_replica_state`."""
+        load_local_state(self.parts, self.optimizers, state)
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
 
     def _has_frozen(self) -> bool:
         return any(not p.requires_grad for part in self.parts for p in part.parameters())

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and warmup + decay learning-rate schedules."""
+"""AdamW (or SGD) with decoupled weight decay on matrices only, and warmup + decay learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -28,10 +28,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA (one kernel for all parameters), foreach elsewhere."""
+def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD, `training.optimizer`), fused on CUDA (one kernel for all parameters),
+    foreach elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]
     on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    if cfg.optimizer == "sgd":
+        # SGD's update is linear in the gradient: local SGD with sync_every = 1 is then exactly
+        # every-step data parallelism, which is how the sync modes are tested.
+        return torch.optim.SGD(
+            param_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
+            fused=True if on_cuda else None,
+            foreach=None if on_cuda else True,
+        )
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,

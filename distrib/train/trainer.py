@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -109,9 +110,13 @@ class Trainer:
         seed_everything(cfg.training.seed)
         self.engine: Engine
         self.engine, self.dp_rank, self.dp_size = build_engine(cfg, runtime)
+        # Fault tolerance: this job is one replica group, which the engine joins to the others.
+        self.replicas = self.engine.replicas
         self.train_loader, self.val_loader = build_data(
             cfg, self.dp_rank, self.dp_size, runtime.device.type == "cuda", train_shards
         )
+        if self.replicas is not None:
+            self.replicas.register_state(self._replica_state, self._load_replica_state)
         info = {
             "engine": cfg.parallel.engine,
             "world_size": runtime.world_size,
@@ -149,6 +154,19 @@ class Trainer:
             "train": self.state,
             "rng": ckpt.RNGState(self.runtime.rank),
         }
+
+    def _replica_state(self) -> dict[str, Any]:
+        """What a healing replica group receives from this one: engine, loader and step."""
+        return {
+            **self.engine.replica_state(),
+            "loader": self.train_loader.state_dict(),
+            "train": self.state.state_dict(),
+        }
+
+    def _load_replica_state(self, state: dict[str, Any]) -> None:
+        self.engine.load_replica_state(state)
+        self.train_loader.load_state_dict(state["loader"])
+        self.state.load_state_dict(state["train"])
 
     def save_checkpoint(self, background: bool) -> Path:
         """Every rank together: the checkpoint of the current step."""
@@ -263,6 +281,8 @@ class Trainer:
             log.write(note)
         if resumed is not None:
             log.write(f"resumed from {resumed} at step {self.step}")
+        if self.replicas is not None:
+            self.replicas.resumed_at(self.step)
         return log
 
     def train(self) -> dict[str, Any]:
@@ -279,46 +299,79 @@ class Trainer:
         )
         monitor = StragglerMonitor(m.straggler_every, m.straggler_threshold, self.runtime.rank)
         times = StepTimes()
-        record: dict[str, Any] = {}
+        self._last_record: dict[str, Any] = {}
         start = time.perf_counter()
         if threading.current_thread() is threading.main_thread():
             self.stop.install()
+        synchronizing = (
+            self.replicas.synchronizing(self.step)
+            if self.replicas is not None
+            else contextlib.nullcontext()
+        )
         try:
             last = min(t.steps, t.stop_at_step) if t.stop_at_step else t.steps
-            while self.step < last:
-                step_start = time.perf_counter()
-                batches = self.train_loader.next_step()
-                self._targets = self._target_tokens(batches)
-                self.faults.record_samples(self.step + 1, batches)
-                self.faults.sleep()
-                ready_at = time.time()  # wall clock: compared across ranks (see stragglers.py)
-                times.add("time_data_s", time.perf_counter() - step_start)
-                passed_over = self.step + 1 in self.state.skip_steps
-                with self.faults.step_context(self.engine.model, self.step + 1):
-                    result = self.engine.train_step(
-                        batches,
-                        timed=self._logs(self.step + 1),
-                        accept=_refuse if passed_over else self.guard,
-                    )
-                lr = self.engine.lr()  # the rate this step used; the scheduler has moved on
-                self.step += 1
-                if passed_over:
-                    log.write(f"step {self.step}: batch passed over (rolled back from it before)")
-                elif result.skipped and self._refused(result, log):
-                    continue  # rolled back: self.step is the checkpoint's step again
-                meter.add(self.tokens_per_step)
-                monitor.record(ready_at, time.perf_counter() - step_start)
-                lagging = monitor.check() if monitor.due(self.step) else None
-                record = self._after_step(result, lr, meter, log, start, times, lagging)
-                if self.stop.agreed():
-                    self._stop_for_signal(log)
-                    break
+            with synchronizing:
+                self._loop(last, log, meter, monitor, times, start)
             self.checkpointer.wait()
         finally:
             self.stop.uninstall()
             log.close()
             self.run_folder.release()
-        return record
+            if self.replicas is not None:
+                self.replicas.shutdown()
+        return self._last_record
+
+    def _loop(
+        self,
+        last: int,
+        log: MetricsLogger,
+        meter: Throughput,
+        monitor: StragglerMonitor,
+        times: StepTimes,
+        start: float,
+    ) -> None:
+        """Train up to step `last`, or until a stop signal is agreed."""
+        while self.step < last:
+            if self.replicas is not None:
+                # Joining the quorum may heal this group: step and loader jump to a peer's.
+                self.replicas.begin_step()
+                if self.step >= last:
+                    break
+            step_start = time.perf_counter()
+            position = self.train_loader.state_dict() if self.replicas is not None else None
+            batches = self.train_loader.next_step()
+            self._targets = self._target_tokens(batches)
+            self.faults.record_samples(self.step + 1, batches)
+            self.faults.sleep()
+            ready_at = time.time()  # wall clock: compared across ranks (see stragglers.py)
+            times.add("time_data_s", time.perf_counter() - step_start)
+            passed_over = self.step + 1 in self.state.skip_steps
+            with self.faults.step_context(self.engine.model, self.step + 1):
+                result = self.engine.train_step(
+                    batches,
+                    timed=self._logs(self.step + 1),
+                    accept=_refuse if passed_over else self.guard,
+                )
+            if not result.committed:
+                log.write(
+                    f"step {self.step + 1}: not committed (a replica group failed during it); "
+                    "redone on the same batch"
+                )
+                self.train_loader.load_state_dict(position)
+                continue
+            lr = self.engine.lr()  # the rate this step used; the scheduler has moved on
+            self.step += 1
+            if passed_over:
+                log.write(f"step {self.step}: batch passed over (rolled back from it before)")
+            elif result.skipped and self._refused(result, log):
+                continue  # rolled back: self.step is the checkpoint's step again
+            meter.add(self.tokens_per_step)
+            monitor.record(ready_at, time.perf_counter() - step_start)
+            lagging = monitor.check() if monitor.due(self.step) else None
+            self._last_record = self._after_step(result, lr, meter, log, start, times, lagging)
+            if self.stop.agreed():
+                self._stop_for_signal(log)
+                break
 
     def _target_tokens(self, batches: list[Batch]) -> dict[str, float]:
         """SFT: the step's supervised (assistant) tokens over the whole global batch, which is
@@ -415,6 +468,7 @@ class Trainer:
                 **{name: float(value) for name, value in (result.metrics or {}).items()},
                 **self._targets,
                 **self.train_loader.metrics(),
+                **(self.replicas.metrics() if self.replicas is not None else {}),
                 "elapsed_s": time.perf_counter() - start,
             }
             if lagging:

@@ -1,0 +1,147 @@
+"""Fault-tolerant replica groups (`parallel.fault_tolerance`) through `launch/train.sh`: a group
+killed with SIGKILL leaves the other training, comes back (restarted by torchrun, then
+resubmitted), heals from its peer and ends with bitwise the same weights and optimizer state."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.launch.conftest import Launched, run_args, wait_for
+from tests.support.runs import records
+
+pytestmark = pytest.mark.slow
+os.environ.setdefault("RUST_LOG", "warn")  # the lighthouse in this process: no INFO per quorum
+lighthouse_server = pytest.importorskip("torchft._torchft").LighthouseServer
+
+STEPS = 240
+# Each group's only rank sleeps 50 ms a step, so that the other group's absence spans steps.
+FT_RUN = [
+    "--parallel.fault_tolerance=true",
+    "--parallel.dp_replicate=2",
+    "--parallel.ft_timeout_s=30",
+    f"--training.steps={STEPS}",
+    "--checkpoint.interval=20",
+    "--debug.straggler_rank=0",
+    "--debug.straggler_sleep_s=0.05",
+]
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in records(run_dir)]
+
+
+def _kill_workers(launched: Launched) -> None:
+    """SIGKILL the training processes under the launch (torchrun's agent lives on)."""
+    tree = psutil.Process(launched.proc.pid).children(recursive=True)
+    agents = [p for p in tree if "torch.distributed.run" in p.cmdline()]
+    workers = [w for agent in agents for w in agent.children()]
+    assert workers, "no training process to kill"
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+
+
+def _kill_all(launched: Launched) -> None:
+    """SIGKILL the launch with every process under it: torchrun puts its workers in sessions
+    of their own, out of reach of the launch's process group."""
+    top = psutil.Process(launched.proc.pid)
+    for process in [*top.children(recursive=True), top]:
+        process.send_signal(signal.SIGKILL)
+    launched.stop()
+
+
+def _final_state(run_dir: Path, tmp: Path) -> dict:
+    """The last checkpoint as one flat dict of tensors and values, this rank's RNG left out
+    (each group draws its own)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{run_dir.name}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step-{STEPS:08d}", out)
+    state = torch.load(out, weights_only=False)
+    flat: dict = {}
+
+    def walk(value: object, key: str) -> None:
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                walk(inner, f"{key}/{name}")
+        else:
+            flat[key] = value
+
+    walk({k: v for k, v in state.items() if not k.startswith("rng")}, "")
+    return flat
+
+
+def test_lost_group_others_train_on_and_it_heals(data_dir: Path, tmp_path: Path, launch) -> None:
+    run_dir = tmp_path / "run"
+    server = lighthouse_server(
+        bind="[::]:0",
+        min_replicas=1,
+        join_timeout_ms=10000,
+        quorum_tick_ms=10,
+        heartbeat_timeout_ms=2000,
+    )
+    args = ["bash", "launch/train.sh", *run_args(data_dir, run_dir, *FT_RUN)]
+
+    def start(group: int, name: str) -> Launched:
+        return launch(
+            name,
+            args,
+            NGPU="1",
+            REPLICA_GROUP=str(group),
+            MAX_RESTARTS="1",
+            TORCHFT_LIGHTHOUSE=server.address(),
+        )
+
+    groups = [run_dir / "group0", run_dir / "group1"]
+    try:
+        first = start(0, "group0")
+        second = start(1, "group1")
+        wait_for(lambda: max(_steps(groups[1]), default=0) >= 30, 120, "group 1 at step 30")
+
+        # 1. torchrun restarts a killed worker; it resumes its checkpoint, then heals.
+        _kill_workers(second)
+        killed_at = max(_steps(groups[0]))
+        wait_for(
+            lambda: max(_steps(groups[1])[-1:], default=0) > killed_at + 10,
+            120,
+            "group 1 restarted by torchrun and training again",
+        )
+
+        # 2. The whole group dies; the other trains on alone; the group is submitted again.
+        _kill_all(second)
+        wait_for(
+            lambda: sum(r.get("replica_groups") == 1 for r in records(groups[0])) >= 10,
+            60,
+            "group 0 training alone",
+        )
+        assert first.proc.poll() is None
+        third = start(1, "group1-again")
+        assert first.wait(300) == 0, first.output()
+        assert third.wait(300) == 0, third.output()
+    finally:
+        server.shutdown()
+
+    # Group 0 never stopped: every step once, in order, and some of them alone.
+    solo = [r["step"] for r in records(groups[0]) if r.get("replica_groups") == 1]
+    assert _steps(groups[0]) == list(range(1, STEPS + 1))
+    assert len(solo) >= 10 and "resumed from" not in first.output()
+    # Group 1 came back twice, each time jumping forward to its peer's step (healed).
+    steps = _steps(groups[1])
+    jumps = [(a, b) for a, b in zip(steps, steps[1:], strict=False) if b > a + 1]
+    assert len(jumps) >= 2, steps
+    assert "resumed from" in second.log.read_text()  # torchrun's restart read its checkpoint
+    assert steps[-1] == STEPS
+    # Afterwards both hold bitwise the same weights, optimizer state, schedule and data position.
+    want, got = _final_state(groups[0], tmp_path), _final_state(groups[1], tmp_path)
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, got[key]), key
+        else:
+            assert value == got[key], key
+    assert len(want) > 100  # every weight, both moments of each, the schedule, the loader
