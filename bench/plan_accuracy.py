@@ -2,6 +2,7 @@
 
     python -m bench.plan_accuracy            # every row; prints predicted vs published
     python -m bench.plan_accuracy --bf16     # bfloat16 rows only
+    python -m bench.plan_accuracy --cpu      # the debug model's layouts measured on this CPU
 
 Each row of bench/data/published_throughput.json becomes a config (the model's shape, sequence,
 batch, layout, activation checkpointing, float8), its per-rank state counts come from the model
@@ -17,6 +18,12 @@ the same weights and FLOPs are ffn_dim = 8/3 x dim (rounded to a multiple of 256
 local batch on each data-parallel rank. Float8 with tp > 1 (torchtitan's rows) is not a layout
 distrib trains yet (its tp plan has no float8 styles), so its state counts are those of the
 bfloat16 model, which are the same.
+
+`--cpu` measures the debug model (configs/debug.toml, micro-batch 4) on this machine instead:
+one process with each activation-checkpointing mode, and dp_shard = 2 on two processes, one
+thread per process (the `cpu` device of devices.toml is one core), and compares the fastest step
+after warm-up with `distrib plan`'s prediction on the nominal `cpu` device
+(bench/results/plan_cpu-cpu-<date>.json).
 """
 
 from __future__ import annotations
@@ -115,10 +122,120 @@ def predict(row: dict[str, Any], devices: dict) -> dict[str, Any]:
     }
 
 
+# The debug model's layouts on a CPU: name -> (processes, overrides of configs/debug.toml).
+CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.toml"
+CPU_LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, []),
+    "single_selective": (1, ["--parallel.activation_checkpoint=selective"]),
+    "single_full": (1, ["--parallel.activation_checkpoint=full"]),
+    "dp_shard2": (2, []),
+    "dp_shard2_selective": (2, ["--parallel.activation_checkpoint=selective"]),
+    "dp_shard2_full": (2, ["--parallel.activation_checkpoint=full"]),
+}
+CPU_WARMUP, CPU_STEPS = 2, 3
+
+
+def cpu_config(nproc: int, overrides: list[str]) -> Config:
+    """The debug model at micro-batch 4, one micro-batch per rank and step, FSDP over `nproc`."""
+    from distrib.config import load_config
+
+    flags = ["--training.micro_batch_size=4", f"--training.global_batch_size={4 * nproc}"]
+    return load_config(CPU_CONFIG, [*flags, f"--parallel.dp_shard={nproc}", *overrides])
+
+
+def cpu_tokens_per_s(cfg: Config) -> float:
+    """Tokens/s per process of `cfg` on this process's CPU (one thread, set by the caller):
+    the fastest step after warm-up. On a shared 2-core machine another process (a test's
+    leftovers, gloo's threads) only ever slows a step, so the fastest is the least disturbed
+    (`distrib tune` takes the median, on machines of its own)."""
+    import time
+
+    from bench.memory import synthetic_batch
+    from distrib.engines.build import build_engine
+    from distrib.runtime import Runtime, detect_launch
+
+    engine, _, _ = build_engine(cfg, Runtime(detect_launch(), torch.device("cpu")))
+    batch = synthetic_batch(cfg)
+    seconds = []
+    for _ in range(CPU_WARMUP + CPU_STEPS):
+        start = time.perf_counter()
+        engine.train_step([batch])
+        seconds.append(time.perf_counter() - start)
+    return cfg.training.micro_batch_size * cfg.data.seq_len / min(seconds[CPU_WARMUP:])
+
+
+def cpu_prediction(cfg: Config, nproc: int, devices: dict | None = None) -> float:
+    """`distrib plan`'s tokens/s per process for `cfg` on the `cpu` device."""
+    from distrib.planning.search import estimate, parse_layout
+
+    p = cfg.parallel
+    label = f"dp_shard={nproc},ac={p.activation_checkpoint},mbs={cfg.training.micro_batch_size}"
+    device = (devices or load_devices())["cpu"]
+    return estimate(cfg, parse_layout(label), nproc, device, nproc).tokens_per_s_per_gpu
+
+
+def _cpu_worker(rank: int, world_size: int, out: str) -> None:
+    found = {
+        name: cpu_tokens_per_s(cpu_config(nproc, flags))
+        for name, (nproc, flags) in CPU_LAYOUTS.items()
+        if nproc == world_size
+    }
+    if rank == 0:
+        Path(out).write_text(json.dumps(found))
+
+
+def measure_cpu(spawn: Any) -> dict[str, float]:
+    """Every CPU layout's measured tokens/s per process: one-process layouts here (one
+    thread), two-process ones through `spawn(fn, 2, out)` (tests/distributed/harness.py)."""
+    import tempfile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        found = {
+            name: cpu_tokens_per_s(cpu_config(1, flags))
+            for name, (nproc, flags) in CPU_LAYOUTS.items()
+            if nproc == 1
+        }
+    finally:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "two.json"
+        spawn(_cpu_worker, 2, str(out))
+        found |= json.loads(out.read_text())
+    return found
+
+
+def cpu_errors(measured: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Predicted (nominal `cpu` device) against measured, per layout."""
+    rows = {}
+    for name, tokens in measured.items():
+        nproc, flags = CPU_LAYOUTS[name]
+        predicted = cpu_prediction(cpu_config(nproc, flags), nproc)
+        rows[name] = {"measured": tokens, "predicted": predicted, "error": predicted / tokens - 1}
+    return rows
+
+
+def _cpu_main() -> None:
+    from tests.distributed.harness import spawn
+
+    rows = cpu_errors(measure_cpu(spawn))
+    lines = [["layout", "measured tok/s", "predicted", "error"]]
+    for name, r in rows.items():
+        lines.append([name, f"{r['measured']:.0f}", f"{r['predicted']:.0f}", f"{r['error']:+.0%}"])
+    print(table(lines))
+    path = write_result("plan_cpu", torch.device("cpu"), {"target": TARGET, "layouts": rows})
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bf16", action="store_true", help="bfloat16 rows only")
+    parser.add_argument("--cpu", action="store_true", help="the debug model measured on this CPU")
     args = parser.parse_args()
+    if args.cpu:
+        _cpu_main()
+        return
     rows = json.loads(DATA.read_text())["rows"]
     if args.bf16:
         rows = [r for r in rows if r["dtype"] == "bfloat16"]

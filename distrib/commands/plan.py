@@ -54,6 +54,16 @@ def explain(e: Estimate, device: Device) -> str:
         f"  peak        {m.total / GB:9.2f} GB = params + optimizer + gathered + max(activations "
         "+ logits, activations + recompute + grads)"
     )
+    if m.host:
+        lines.append(
+            f"  host        {m.host / GB:9.2f} GB (offloaded by DeepSpeed, not on the GPU)"
+        )
+    if e.layout.zero >= 0:
+        lines.append(
+            "  (DeepSpeed: optimizer = float32 master weights + moments of this rank's ZeRO "
+            "partition; gathered = ZeRO-3's reduce bucket, persistent parameters, gathered "
+            "block and prefetch; ZeRO-1/2's reduce bucket lives in backward, under recompute)"
+        )
     verdict = "fits" if e.fits else "does NOT fit"
     lines.append(
         f"  + {device.reserved_gb:.0f} GB reserved (CUDA context, NCCL, fragmentation): "

@@ -34,7 +34,7 @@ from distrib.commands.sweep_trial import metric_by_step, train_command
 from distrib.config import Config
 from distrib.errors import ConfigError, UserError
 from distrib.planning.hardware import Device, find_device, load_devices
-from distrib.planning.search import Estimate, plan
+from distrib.planning.search import NATIVE, Estimate, plan
 
 WARMUP_STEPS = 3  # excluded from the measured throughput
 
@@ -123,6 +123,11 @@ def _layout_keys(e: Estimate) -> dict[str, object]:
         "parallel.cp": lay.cp,
         "parallel.tp": lay.tp,
         "parallel.pp": lay.pp,
+        "parallel.ep": lay.ep,
+        "parallel.engine": "native" if lay.zero == NATIVE else "deepspeed",
+        **({"parallel.zero_stage": lay.zero} if lay.zero != NATIVE else {}),
+        "parallel.offload_optimizer": lay.offload in ("optimizer", "all"),
+        "parallel.offload_params": lay.offload == "all",
         "parallel.activation_checkpoint": lay.ac,
         "training.micro_batch_size": lay.micro_batch_size,
     }

@@ -26,10 +26,13 @@ class Device:
     intra_node_gbps: float
     inter_node_gbps: float
     gpus_per_node: int
+    host_link_gbps: float
+    host_memory_gbps: float
     reserved_gb: float
     matmul_efficiency: float
     float8_efficiency: float
     comm_efficiency: float
+    comm_overlap: float
 
     def peak_tflops(self, dtype: str) -> float:
         """The dense peak for the compute dtype ("bfloat16", "float32", "float8")."""

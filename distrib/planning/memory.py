@@ -1,6 +1,9 @@
 """Per-rank memory of a layout: model states (exact, `distrib.planning.states`), activations per
 activation-checkpointing mode, the loss's logits, and FSDP's gathered weights.
 
+Under DeepSpeed the model states are those ZeRO keeps (`deepspeed_states`); an MoE block's
+feed-forward saves its routed rows per chosen expert (`block_bytes_per_token`).
+
 The activation terms follow what this project's block saves for backward, op by op (see
 `block_bytes_per_token`), not a generic formula: the measured bytes of bench/memory.py's
 `activation_mb` check them (tests/distributed/test_plan_memory.py).
@@ -15,12 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distrib.config import Config
-from distrib.config.families import resolved_head_dim
+from distrib.config.families import moe_layer_count, resolved_head_dim, resolved_moe_ffn_dim
 from distrib.config.rules import pipeline_microbatches
 from distrib.planning.states import StateCounts
 
 GB = 1e9
 _FP32 = 4
+_INDEX = 8  # int64
 
 
 def compute_bytes(cfg: Config) -> int:
@@ -29,13 +33,22 @@ def compute_bytes(cfg: Config) -> int:
 
 
 def block_bytes_per_token(cfg: Config, tp: int, mode: str) -> float:
-    """Bytes one transformer block saves for backward per token of its input, on one rank.
+    """Bytes one transformer block saves for backward per token of its input, on one rank
+    (averaged over the blocks when some are MoE and some dense).
 
     - "none": each RMSNorm keeps its float32 input (pow's operand) and its normalized output
       ((4 + e) D); with tp > 1 sequence parallelism splits those by tp and the gathered norm
       output (e D) is what the projections keep. Attention keeps q, k, v after RoPE, its output
       and float32 log-sum-exp; wo keeps a contiguous copy of that output. The SwiGLU keeps w1's
-      and w3's outputs, the SiLU and the product (4 e F).
+      and w3's outputs, the SiLU and the product (4 e F). An MoE feed-forward (`models/moe.py`,
+      measured op by op) keeps, per token, the router's float32 scores (softmax's output) and
+      the top-k normalization's sum and its clamp (4 (E + 2)); per chosen expert (top_k) the
+      gathered row, the experts' output (kept by the product with the routing weight) and that
+      product (kept by index_add_, whose backward needs its source's shape) (3 e D), the
+      expert's SwiGLU's four F-wide tensors (4 e F), three int64 indices (the chosen expert,
+      the dispatch order, the token of each row: 24) and two float32 weights (the top-k weight
+      and its row's copy: 8); its shared experts as a dense SwiGLU. The router's logits are
+      not kept (softmax keeps its output).
     - "selective": the outputs of every matmul and of attention (`parallel/activation.py`),
       and the block input.
     - "full": the block input only (the recomputation of one block in backward is added once
@@ -48,10 +61,21 @@ def block_bytes_per_token(cfg: Config, tp: int, mode: str) -> float:
     block_input = e * d / tp
     if mode == "full":
         return block_input
+    moe = moe_layer_count(m)
+    top, fe = m.moe_top_k, resolved_moe_ffn_dim(m) if moe else 0
+    fs = fe * m.moe_shared_experts / tp
     if mode == "selective":
-        return block_input + e * (a + 2 * gk) + e * a + lse + 2 * e * d / tp + 2 * e * f
-    norms = 2 * (_FP32 + e) * d / tp + (2 * e * d if tp > 1 else 0.0)
-    return norms + e * (3 * a + 2 * gk) + lse + 4 * e * f
+        dense_ffn = e * d / tp + 2 * e * f
+        moe_ffn = e * m.moe_experts + top * e * (d + 2 * fe) + (e * d / tp + 2 * e * fs) * (fs > 0)
+        attn = block_input + e * (a + 2 * gk) + e * a + lse + e * d / tp
+    else:
+        dense_ffn = 4 * e * f
+        routed = e * (3 * d + 4 * fe) + 3 * _INDEX + 2 * _FP32
+        moe_ffn = _FP32 * (m.moe_experts + 2) + top * routed + 4 * e * fs
+        norms = 2 * (_FP32 + e) * d / tp + (2 * e * d if tp > 1 else 0.0)
+        attn = norms + e * (3 * a + 2 * gk) + lse
+    ffn = ((m.n_layers - moe) * dense_ffn + moe * moe_ffn) / m.n_layers
+    return attn + ffn
 
 
 @dataclass(frozen=True)
@@ -63,8 +87,10 @@ class MemoryBreakdown:
     optimizer: float
     activations: float  # saved for backward at the end of forward, the loss's excluded
     logits: float  # the loss's peak, at the end of forward
-    recompute: float  # backward's working set for one block (see `workspace_bytes`)
-    gathered: float  # FSDP's unsharded weights in flight (0 without FSDP)
+    recompute: float  # backward's working set for one block (see `workspace_bytes`); DeepSpeed
+    # ZeRO-1/2's reduce bucket
+    gathered: float  # FSDP's unsharded weights in flight (0 without FSDP); DeepSpeed's buckets
+    host: float = 0.0  # DeepSpeed offload: bytes kept in host memory instead (not in `total`)
 
     @property
     def total(self) -> float:
@@ -159,9 +185,12 @@ def gathered_bytes(cfg: Config, counts: StateCounts, shards: int, tp: int) -> fl
 def memory_breakdown(
     cfg: Config, counts: StateCounts, tp: int, cp: int, pp: int, shards: int
 ) -> MemoryBreakdown:
-    """Every term for the busiest rank; `shards` is FSDP's degree (dp_shard x cp), 1 without.
-    Under a pipeline the first stage (most micro-batches in flight) and the last (the logits)
-    are both worked out and the larger peak is reported."""
+    """Every term for the busiest rank; `shards` is FSDP's degree (dp_shard x cp), 1 without
+    (under DeepSpeed: the data-parallel degree ZeRO partitions over). Under a pipeline the first
+    stage (most micro-batches in flight) and the last (the logits) are both worked out and the
+    larger peak is reported."""
+    if cfg.parallel.engine == "deepspeed":
+        return deepspeed_breakdown(cfg, counts, shards)
     stages = [
         MemoryBreakdown(
             params=_FP32 * counts.params,
@@ -177,6 +206,107 @@ def memory_breakdown(
     return max(stages, key=lambda b: b.total)
 
 
+@dataclass(frozen=True)
+class ZeroBuffers:
+    """The `zero_optimization` settings that size DeepSpeed's buffers: DeepSpeed's defaults
+    (deepspeed/runtime/zero/config.py) under the user's `parallel.deepspeed_config` JSON."""
+
+    reduce_bucket: float = 5e8  # reduce_bucket_size, elements
+    prefetch_bucket: float = 5e7  # stage3_prefetch_bucket_size
+    persistence_threshold: float = 1e5  # stage3_param_persistence_threshold
+    contiguous_gradients: bool = True
+    overlap_comm: bool | None = None  # None: on at stage 3 only
+
+
+def zero_buffers(cfg: Config, dp: int) -> ZeroBuffers:
+    """`ZeroBuffers` of `cfg`'s effective DeepSpeed config (the translated one, the user's JSON
+    merged over it: `distrib.engines.deepspeed.config`, which imports no DeepSpeed)."""
+    from distrib.engines.deepspeed.config import effective_config
+
+    zero = effective_config(cfg, dp, "cuda").get("zero_optimization", {})
+    d = ZeroBuffers()
+
+    def get(*keys: str, default: float | bool | None) -> float | bool | None:
+        return next((zero[k] for k in keys if k in zero), default)
+
+    return ZeroBuffers(
+        reduce_bucket=float(get("reduce_bucket_size", default=d.reduce_bucket)),  # type: ignore[arg-type]
+        prefetch_bucket=float(
+            get("stage3_prefetch_bucket_size", "prefetch_bucket_size", default=d.prefetch_bucket)  # type: ignore[arg-type]
+        ),
+        persistence_threshold=float(
+            get(  # type: ignore[arg-type]
+                "stage3_param_persistence_threshold",
+                "param_persistence_threshold",
+                default=d.persistence_threshold,
+            )
+        ),
+        contiguous_gradients=bool(get("contiguous_gradients", default=True)),
+        overlap_comm=get("overlap_comm", default=None),  # type: ignore[arg-type]
+    )
+
+
+def deepspeed_breakdown(cfg: Config, counts: StateCounts, dp: int) -> MemoryBreakdown:
+    """The DeepSpeed engine's rank (`distrib/engines/deepspeed`): weights and gradients in the
+    training dtype e (DeepSpeed casts the model to bfloat16 under bfloat16 training), float32
+    master weights of the rank's partition (stages 1-3 always keep one, a copy even in float32;
+    stage 0 only under bfloat16), AdamW's two float32 moments of the partition, and per stage:
+    0 whole gradients; 1 whole gradients plus the partition's float32 gradient and a float32
+    reduce bucket; 2 the partition's gradients (plus their float32 copy under bfloat16) and a
+    reduce bucket in e (at stages 1-2 the bucket is allocated at each backward and released
+    after the step, so it counts in backward's working set, `recompute`); 3 the partition of
+    everything, a reduce bucket in e (allocated at start-up, kept), the persistent parameters (stage3_param_persistence_threshold elements or fewer:
+    gathered once and kept whole), and the gathered block and its prefetch. The reduce buckets
+    exist with contiguous_gradients (the default), two of them at stages 1-2 under
+    overlap_comm (off there by default). Optimizer offload moves master weights, moments and
+    the float32 gradient partition to the host, parameter offload (stage 3) the weight
+    partition. Measured on CPU in tests/distributed/test_plan_memory.py."""
+    from distrib.planning.states import deepspeed_persistent
+
+    p = cfg.parallel
+    e = compute_bytes(cfg)
+    z = zero_buffers(cfg, dp)
+    stage, whole, part = p.zero_stage, counts.total_params, counts.trainable
+    bf16 = e != _FP32
+    master = _FP32 * part if stage > 0 or bf16 else 0.0
+    moments = 2 * _FP32 * part
+    params = e * counts.params
+    reduce = z.reduce_bucket if z.contiguous_gradients else 0.0
+    if stage in (1, 2) and z.overlap_comm:
+        reduce *= 2
+    backward = 0.0  # the stage 1-2 reduce bucket, in backward's working set
+    if stage == 0:
+        grads, fp32_grads, bucket = e * whole, (_FP32 * whole if bf16 else 0.0), 0.0
+    elif stage == 1:  # the reduce bucket: made at each backward, gone after the step
+        grads, fp32_grads, bucket, backward = e * whole, _FP32 * part, 0.0, _FP32 * reduce
+    elif stage == 2:
+        grads, fp32_grads, bucket, backward = (
+            e * part,
+            (_FP32 * part if bf16 else 0.0),
+            0.0,
+            e * reduce,
+        )
+    else:
+        grads, fp32_grads = e * part, (_FP32 * part if bf16 else 0.0)
+        persistent, block = deepspeed_persistent(cfg, z.persistence_threshold)
+        bucket = e * (reduce + persistent + block + min(block, z.prefetch_bucket))
+    host = 0.0
+    if p.offload_optimizer:
+        host, master, moments, fp32_grads = master + moments + fp32_grads, 0.0, 0.0, 0.0
+    if p.offload_params:
+        host, params = host + params, 0.0
+    return MemoryBreakdown(
+        params=params,
+        grads=grads + fp32_grads,
+        optimizer=master + moments,
+        activations=activation_bytes(cfg, 1, 1, 1),
+        logits=logits_bytes(cfg, 1, 1, 1),
+        recompute=workspace_bytes(cfg, 1, 1, 1) + backward,
+        gathered=bucket,
+        host=host,
+    )
+
+
 def predict_memory(cfg: Config, world_size: int) -> MemoryBreakdown:
     """`memory_breakdown` for `cfg`'s layout at `world_size`, state counts included."""
     from distrib.parallel.dims import ParallelDims
@@ -185,5 +315,7 @@ def predict_memory(cfg: Config, world_size: int) -> MemoryBreakdown:
 
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     shards = dims.dp_shard * dims.cp if uses_fsdp(dims) else 1
+    if cfg.parallel.engine == "deepspeed":
+        shards = dims.dp
     counts = state_counts(cfg, world_size)
     return memory_breakdown(cfg, counts, dims.tp, dims.cp, dims.pp, shards)

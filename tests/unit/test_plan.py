@@ -12,7 +12,7 @@ from distrib.config import load_config
 from distrib.errors import ConfigError
 from distrib.planning.hardware import find_device, load_devices
 from distrib.planning.search import Layout, candidates, estimate, parse_layout, plan
-from distrib.planning.states import state_counts
+from distrib.planning.states import deepspeed_partition, state_counts
 from tests.support.tiny import tiny_flags
 
 TINY = [
@@ -48,8 +48,14 @@ def test_layout_labels_round_trip_and_bad_ones_are_named() -> None:
     assert layout.label == "dp_replicate=2,dp_shard=4,cp=2,tp=2,ac=full,mbs=2"
     assert parse_layout(layout.label) == layout
     assert parse_layout("tp=2") == Layout(1, 1, 1, 2, 1, "none", 1)
-    with pytest.raises(ConfigError, match="'ep=2' is not KEY=VALUE"):
-        parse_layout("dp_shard=2,ep=2")
+    ds = Layout(1, 8, 1, 1, 1, "none", 2, zero=3, offload="all")
+    assert ds.label == "dp_shard=8,zero=3,offload=all,ac=none,mbs=2"
+    assert parse_layout(ds.label) == ds
+    assert parse_layout("dp_shard=4,ep=2").ep == 2
+    with pytest.raises(ConfigError, match="'sp=2' is not KEY=VALUE"):
+        parse_layout("dp_shard=2,sp=2")
+    with pytest.raises(ConfigError, match="offload must be one of none, optimizer, all"):
+        parse_layout("zero=2,offload=gpu")
     with pytest.raises(ConfigError, match="ac must be one of none, selective, full"):
         parse_layout("ac=some")
     with pytest.raises(ConfigError, match="whole numbers"):
@@ -80,8 +86,14 @@ def test_memory_and_time_respond_as_they_should() -> None:
     device = find_device("h100", load_devices())
     none = estimate(cfg, parse_layout("dp_shard=2,ac=none,mbs=4"), 2, device, 8)
     full = estimate(cfg, parse_layout("dp_shard=2,ac=full,mbs=4"), 2, device, 8)
+    selective = estimate(cfg, parse_layout("dp_shard=2,ac=selective,mbs=4"), 2, device, 8)
     assert full.memory.activations < none.memory.activations / 4
-    assert full.time.compute == pytest.approx(none.time.compute * 4 / 3, rel=0.1)
+    assert full.time.compute == none.time.compute and none.time.recompute == 0
+    # Full: one more forward of the blocks (a third of their FLOPs) plus the elementwise ops
+    # that selective checkpointing alone repeats (memory-bound).
+    assert 0 < selective.time.recompute < full.time.recompute
+    again = full.time.recompute - selective.time.recompute
+    assert none.time.compute / 4 < again < none.time.compute / 3
     half = estimate(cfg, parse_layout("dp_shard=2,cp=2,ac=none,mbs=4"), 4, device, 8)
     assert half.memory.activations == pytest.approx(none.memory.activations / 2)
     # Twice the GPUs for the same global batch: half the computation each.
@@ -117,7 +129,72 @@ def test_cli_plans_and_explains(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for term in ("params", "activations", "logits", "recompute", "compute:", "cp ring", "fsdp"):
         assert term in text
+    assert main(["plan", "--gpus", "4", *TINY, "--explain", "dp_shard=4,zero=3,offload=all"]) == 0
+    text = capsys.readouterr().out
+    assert "zero-3 over 4" in text and "host link" in text and "offloaded by DeepSpeed" in text
     assert main(["plan", "--gpus", "4", "--gpu", "tpu", *TINY]) == 2
     assert "unknown device" in capsys.readouterr().err
     assert main(["plan", "--gpus", "3", *TINY, "--explain", "dp_shard=2"]) == 2
     assert "needs a world size of 2" in capsys.readouterr().err
+
+
+def test_deepspeed_layouts_are_enumerated_and_shard_their_states() -> None:
+    cfg = _cfg("--model.n_layers=4")
+    device = find_device("h100", load_devices())
+    labels = {e.layout.label for e in plan(cfg, 4, device, 8)}
+    # Every stage and offload on data-parallel layouts; never with tp, cp or pp (refused).
+    for stage in ("zero=0,", "zero=1,", "zero=2,", "zero=3,", "zero=3,offload=all,"):
+        assert f"dp_shard=4,{stage}ac=none,mbs=4" in labels, stage
+    assert not any("zero=" in label and ("tp=" in label or "cp=" in label) for label in labels)
+    by = {
+        s: estimate(cfg, parse_layout(f"dp_shard=4,zero={s},ac=none,mbs=4"), 4, device, 8)
+        for s in range(4)
+    }
+    total = state_counts(cfg, 1).total_params
+    # ZeRO-1 shards the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the weights.
+    assert by[0].memory.optimizer == pytest.approx(8 * total, rel=1e-6)  # float32: no master
+    assert by[1].memory.optimizer == pytest.approx(12 * total / 4, rel=0.01)
+    assert by[2].memory.grads < by[1].memory.grads / 2
+    assert by[3].memory.params == pytest.approx(by[2].memory.params / 4, rel=0.01)
+    offload = estimate(
+        cfg, parse_layout("dp_shard=4,zero=2,offload=optimizer,ac=none,mbs=4"), 4, device, 8
+    )
+    assert offload.memory.optimizer == 0 and offload.memory.host >= by[2].memory.optimizer
+    assert offload.time.optimizer > by[2].time.optimizer  # PCIe and the host's AdamW
+
+
+def test_deepspeed_partitions_follow_deepspeed_padding() -> None:
+    # ZeRO-1/2: each group padded to a multiple of 2 x dp; ZeRO-3: each parameter to dp.
+    assert deepspeed_partition([[5, 3], [7]], 4, 1) == 8 // 4 + 8 // 4
+    assert deepspeed_partition([[5, 3], [7]], 4, 3) == 2 + 1 + 2
+    assert deepspeed_partition([[5, 3], [7]], 4, 0) == 15
+
+
+def test_expert_parallel_layouts_of_an_moe_model() -> None:
+    moe = _cfg(
+        "--model.family=custom",
+        "--model.moe_experts=4",
+        "--model.moe_top_k=2",
+        "--model.moe_ffn_dim=32",
+        "--model.n_layers=2",
+    )
+    device = find_device("h100", load_devices())
+    labels = {e.layout.label for e in plan(moe, 4, device, 8)}
+    assert "dp_shard=4,ep=2,ac=none,mbs=4" in labels and "dp_shard=4,ep=4,ac=none,mbs=4" in labels
+    assert not any("ep=" in label and "cp=" in label for label in labels)  # refused by training
+    one = estimate(moe, parse_layout("dp_shard=4,ac=none,mbs=4"), 4, device, 8)
+    ep = estimate(moe, parse_layout("dp_shard=4,ep=4,ac=none,mbs=4"), 4, device, 8)
+    assert ep.time.ep > 0 and one.time.ep == 0
+    # Compute is the active parameters' (top-2 of 4 experts), whatever ep is.
+    assert ep.time.compute == one.time.compute
+    # ep=4 holds one expert per rank whole, ep=1 a quarter of each: the same count here.
+    assert abs(ep.memory.params - one.memory.params) / one.memory.params < 0.05
+    text = explain_text(moe, "dp_shard=4,ep=2,ac=selective,mbs=4")
+    assert "ep all-to-all" in text and "recompute (selective AC)" in text
+
+
+def explain_text(cfg, layout: str) -> str:  # noqa: ANN001
+    from distrib.commands.plan import explain
+
+    device = find_device("h100", load_devices())
+    return explain(estimate(cfg, parse_layout(layout), 4, device, 8), device)
