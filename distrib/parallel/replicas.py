@@ -89,7 +89,17 @@ class ReplicaGroups:
     """This job's place among the replica groups: the torchft manager, the bytes this rank has
     all-reduced over the groups, and the hooks the engine and the loop call."""
 
-    def __init__(self, cfg: Config, index: int, rank: int, world_size: int, device: torch.device):
+    def __init__(
+        self,
+        cfg: Config,
+        index: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        store: tuple[str, int] | None = None,
+    ) -> None:
+        """`store`: where this group's rank 0 hosts the process group's TCPStore, which the
+        manager shares (None: MASTER_ADDR / MASTER_PORT, as torchrun exports them)."""
         from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
 
         p, t = cfg.parallel, cfg.training
@@ -119,6 +129,8 @@ class ReplicaGroups:
             connect_timeout=timeout,
             rank=rank,
             world_size=world_size,
+            store_addr=store[0] if store else None,
+            store_port=store[1] if store else None,
             replica_id=f"distrib_group_{index}",
             # Every group initializes identically from training.seed; a group behind the others
             # heals from them at its first quorum anyway.
@@ -251,7 +263,9 @@ def start_replica_groups(cfg: Config, runtime: Any) -> ReplicaGroups | None:
     index = replica_group_index(cfg)
     # torchft's Rust side logs every quorum at INFO: warnings and errors only, unless asked.
     os.environ.setdefault("RUST_LOG", "warn")
-    return ReplicaGroups(cfg, index, runtime.rank, runtime.world_size, runtime.device)
+    launch = runtime.launch  # srun / mpirun without torchrun: rank 0's address from the launch
+    store = (launch.master_addr, launch.master_port) if launch.master_port else None
+    return ReplicaGroups(cfg, index, runtime.rank, runtime.world_size, runtime.device, store)
 
 
 def load_local_state(

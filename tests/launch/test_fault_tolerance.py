@@ -36,6 +36,12 @@ def _steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in records(run_dir)]
 
 
+def _at(run_dir: Path, step: int, launched: Launched) -> bool:
+    """Whether the run has logged `step`; fails at once if its launch has ended."""
+    assert launched.proc.poll() is None, launched.output()
+    return max(_steps(run_dir), default=0) >= step
+
+
 def _kill_workers(launched: Launched) -> None:
     """SIGKILL the training processes under the launch (torchrun's agent lives on)."""
     tree = psutil.Process(launched.proc.pid).children(recursive=True)
@@ -55,13 +61,13 @@ def _kill_all(launched: Launched) -> None:
     launched.stop()
 
 
-def _final_state(run_dir: Path, tmp: Path) -> dict:
+def _final_state(run_dir: Path, tmp: Path, step: int = STEPS) -> dict:
     """The last checkpoint as one flat dict of tensors and values, this rank's RNG left out
     (each group draws its own)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = tmp / f"{run_dir.name}.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / f"step-{STEPS:08d}", out)
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step-{step:08d}", out)
     state = torch.load(out, weights_only=False)
     flat: dict = {}
 
@@ -101,7 +107,7 @@ def test_lost_group_others_train_on_and_it_heals(data_dir: Path, tmp_path: Path,
     try:
         first = start(0, "group0")
         second = start(1, "group1")
-        wait_for(lambda: max(_steps(groups[1]), default=0) >= 30, 120, "group 1 at step 30")
+        wait_for(lambda: _at(groups[1], 30, second), 120, "group 1 at step 30")
 
         # 1. torchrun restarts a killed worker; it resumes its checkpoint, then heals.
         _kill_workers(second)
@@ -145,3 +151,56 @@ def test_lost_group_others_train_on_and_it_heals(data_dir: Path, tmp_path: Path,
         else:
             assert value == got[key], key
     assert len(want) > 100  # every weight, both moments of each, the schedule, the loader
+
+
+def test_a_late_group_of_fsdp_ranks_heals_from_the_other(
+    data_dir: Path, tmp_path: Path, launch
+) -> None:
+    """Groups of two FSDP ranks: group 1 starts when group 0 is well on; its first quorum heals
+    it (sharded weights and optimizer moments, rank by rank), and both end identical."""
+    run_dir = tmp_path / "run"
+    server = lighthouse_server(
+        bind="[::]:0",
+        min_replicas=1,
+        join_timeout_ms=10000,
+        quorum_tick_ms=10,
+        heartbeat_timeout_ms=2000,
+    )
+    steps = 200  # group 0 must still be training when group 1 has started (4 processes, 2 cores)
+    args = [
+        "bash",
+        "launch/train.sh",
+        *run_args(
+            data_dir,
+            run_dir,
+            *FT_RUN,
+            f"--training.steps={steps}",
+            "--parallel.dp_shard=2",
+            "--training.micro_batch_size=2",
+        ),
+    ]
+    groups = [run_dir / "group0", run_dir / "group1"]
+    try:
+        first = launch(
+            "group0", args, NGPU="2", REPLICA_GROUP="0", TORCHFT_LIGHTHOUSE=server.address()
+        )
+        wait_for(lambda: _at(groups[0], 15, first), 120, "group 0 at step 15")
+        second = launch(
+            "group1", args, NGPU="2", REPLICA_GROUP="1", TORCHFT_LIGHTHOUSE=server.address()
+        )
+        assert first.wait(300) == 0, first.output()
+        assert second.wait(300) == 0, second.output()
+    finally:
+        server.shutdown()
+    together = [r["step"] for r in records(groups[0]) if r.get("replica_groups") == 2]
+    assert together and together[-1] == steps
+    assert _steps(groups[1])[0] > 15  # it started at its peer's step, not at 1
+    assert [r["step"] for r in records(groups[0]) if r.get("replica_groups") == 1][0] == 1
+    want = _final_state(groups[0], tmp_path, steps)
+    got = _final_state(groups[1], tmp_path, steps)
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, got[key]), key
+        else:
+            assert value == got[key], key
