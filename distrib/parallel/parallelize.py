@@ -54,7 +54,10 @@ def parallelize(
         apply_compile(model)
     if uses_fsdp(dims):
         # DDP cannot reduce DTensor gradients; with TP, replication goes through HSDP's
-        # replicate axis (a shard degree of 1 shards nothing). The cp ranks see other tokens of
+        # replicate axis (a shard degree of 1 shards nothing). Nor does it reduce a pipeline
+        # stage's: the schedules run backward themselves, past the hooks DDP's reducer needs
+        # (dp_replicate x pp trained each replica on its own gradients), so pipelines replicate
+        # through HSDP too, which the pipeline stages drive. The cp ranks see other tokens of
         # the same sequences: FSDP shards over them too and sums their gradients (torchtitan's
         # dp_shard_cp), so cp alone shards like dp_shard.
         hsdp = dims.dp_replicate > 1
@@ -74,4 +77,5 @@ def parallelize(
 
 def uses_fsdp(dims: ParallelDims) -> bool:
     """Whether `parallelize` shards with FSDP2 (which then owns the bfloat16 casting)."""
-    return dims.dp_shard > 1 or dims.cp > 1 or (dims.dp_replicate > 1 and dims.tp > 1)
+    replicated = dims.dp_replicate > 1 and (dims.tp > 1 or dims.pp > 1)
+    return dims.dp_shard > 1 or dims.cp > 1 or replicated

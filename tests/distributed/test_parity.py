@@ -68,6 +68,7 @@ WORLD_4 = {
     "hsdp": ["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--training.micro_batch_size=2"],
     "dp_shard_tp": ["--parallel.dp_shard=2", "--parallel.tp=2"],
     "pp_dp_shard": ["--parallel.pp=2", "--parallel.dp_shard=2"],
+    "pp_dp_replicate": ["--parallel.pp=2", "--parallel.dp_replicate=2"],
     "pp_tp": ["--parallel.pp=2", "--parallel.tp=2"],
     "pp_interleaved_dp_shard": [
         "--parallel.pp=2",
