@@ -10,7 +10,8 @@
 # (test_deepspeed.py), expert parallelism (test_expert_parallel.py: torch 2.11's pipeline
 # infers shapes on meta tensors, 2.13's on real ones) and LoRA under FSDP2 and TP
 # (test_lora_parallel.py: its TP styles extend torch's private _partition_linear_fn) and
-# context-parallel attention (test_context_attention.py: P2P ring and functional all-to-all).
+# context-parallel attention (test_context_attention.py: P2P ring and functional all-to-all)
+# and fault-tolerant replica groups on torchft against DDP (test_sync_modes.py, one test).
 # The planner's unit tests run here too (torch's fake process group). Left to the main suite on 2.13: the other distributed tests,
 # integration, launchers and Slurm.
 #
@@ -49,4 +50,5 @@ exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=10 \
   tests/distributed/test_lora_parallel.py \
   tests/integration/test_streaming.py \
   tests/distributed/test_context_attention.py \
+  tests/launch/test_sync_modes.py::test_every_step_and_local_sgd_h1_equal_data_parallelism \
   "$@"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -101,6 +102,7 @@ def test_lost_group_others_train_on_and_it_heals(data_dir: Path, tmp_path: Path,
             REPLICA_GROUP=str(group),
             MAX_RESTARTS="1",
             TORCHFT_LIGHTHOUSE=server.address(),
+            PYTHON=sys.executable,
         )
 
     groups = [run_dir / "group0", run_dir / "group1"]
@@ -182,11 +184,21 @@ def test_a_late_group_of_fsdp_ranks_heals_from_the_other(
     groups = [run_dir / "group0", run_dir / "group1"]
     try:
         first = launch(
-            "group0", args, NGPU="2", REPLICA_GROUP="0", TORCHFT_LIGHTHOUSE=server.address()
+            "group0",
+            args,
+            NGPU="2",
+            REPLICA_GROUP="0",
+            TORCHFT_LIGHTHOUSE=server.address(),
+            PYTHON=sys.executable,
         )
         wait_for(lambda: _at(groups[0], 15, first), 120, "group 0 at step 15")
         second = launch(
-            "group1", args, NGPU="2", REPLICA_GROUP="1", TORCHFT_LIGHTHOUSE=server.address()
+            "group1",
+            args,
+            NGPU="2",
+            REPLICA_GROUP="1",
+            TORCHFT_LIGHTHOUSE=server.address(),
+            PYTHON=sys.executable,
         )
         assert first.wait(300) == 0, first.output()
         assert second.wait(300) == 0, second.output()

@@ -5,6 +5,8 @@ DiLoCo with H = 8 (waiting, and overlapped) all-reduces an eighth of the bytes a
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,9 +33,8 @@ GROUPS += ["--parallel.min_replica_groups=2"]
 
 
 def _train(data_dir: Path, run_dir: Path, *overrides: str) -> None:
-    import subprocess
-
-    env = launch_env(NGPU="2", LIGHTHOUSE_PORT=str(free_port()))
+    # This interpreter's torch (the torch 2.11 subset runs this test too).
+    env = launch_env(NGPU="2", LIGHTHOUSE_PORT=str(free_port()), PYTHON=sys.executable)
     done = subprocess.run(
         ["bash", "launch/train.sh", *run_args(data_dir, run_dir, *overrides)],
         cwd=ROOT,
