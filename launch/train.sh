@@ -94,23 +94,26 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 
 # Every rank's stdout and stderr go to LOG_DIR/<run id>/attempt_<n>/<local rank>/; only local
 # rank 0 is also shown here, so the console reads like one process.
+torchrun_command() { # processes per node, log folder: sets CMD, the overrides to follow
+  mkdir -p "$2"
+  # shellcheck disable=SC2206  # TORCHRUN_ARGS is a list of flags on purpose
+  CMD=("$PYTHON" -m torch.distributed.run
+    --nnodes="$NNODES" --nproc-per-node="$1" "${RDZV[@]}"
+    --max-restarts="$MAX_RESTARTS"
+    --log-dir="$2" --redirects=3 --tee=3 --local-ranks-filter=0
+    ${TORCHRUN_ARGS:-}
+    -m distrib.cli train --config "$CONFIG")
+}
 torchrun() { # processes per node, log folder, then the overrides
-  local nproc=$1 logs=$2
+  torchrun_command "$1" "$2"
   shift 2
-  mkdir -p "$logs"
-  # shellcheck disable=SC2086  # TORCHRUN_ARGS is a list of flags on purpose
-  "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" --nproc-per-node="$nproc" "${RDZV[@]}" \
-    --max-restarts="$MAX_RESTARTS" \
-    --log-dir="$logs" --redirects=3 --tee=3 --local-ranks-filter=0 \
-    ${TORCHRUN_ARGS:-} \
-    -m distrib.cli train --config "$CONFIG" "$@"
+  "${CMD[@]}" "$@"
 }
 
 if [ "$NGROUPS" -eq 0 ]; then
-  LOG_DIR=${LOG_DIR:-$RUN_DIR/logs/node$NODE_RANK}
-  torchrun "$NGPU" "$LOG_DIR" "$@"
-  exit
+  # This shell becomes torchrun: signals reach it directly, and its exit status is the script's.
+  torchrun_command "$NGPU" "${LOG_DIR:-$RUN_DIR/logs/node$NODE_RANK}"
+  exec "${CMD[@]}" "$@"
 fi
 
 # Fault tolerance: the lighthouse first (unless one runs elsewhere), then the replica groups.
