@@ -1,8 +1,11 @@
 """`distrib report`: charts and a summary table from the run folders of one or more runs.
 
 Runs are read by `report_runs.py` and drawn by `report_charts.py`; `report_moe.py` adds the
-Mixture-of-Experts section where runs logged it; this module writes the summary table and the
-report folder.
+Mixture-of-Experts section where runs logged it, `report_sync.py` the synchronization between
+fault-tolerant replica groups (loss vs step and vs bytes communicated) where runs logged
+`sync_bytes`; this module writes the summary table and the report folder. A fault-tolerant run
+folder counts as one run per replica group (`<run>/group<g>`) in the table and the per-run
+charts, and as one line (the groups' mean loss) in the synchronization chart.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from distrib.commands.report_charts import CHARTS, line_chart, step_time_chart
 from distrib.commands.report_mixture import has_mixture, mixture_charts, mixture_markdown
 from distrib.commands.report_moe import CHART as MOE_CHART
 from distrib.commands.report_moe import has_moe, moe_markdown, with_moe_max
-from distrib.commands.report_runs import Run, load_run, num, series
+from distrib.commands.report_runs import Run, load_run, load_runs, num, series
+from distrib.commands.report_sync import FILE as SYNC_FILE
+from distrib.commands.report_sync import has_sync, sync_chart, sync_curves, sync_markdown
 from distrib.errors import UserError
 
-__all__ = ["load_run", "series", "summarize", "write_report"]
+__all__ = ["load_run", "load_runs", "series", "summarize", "write_report"]
 
 AXES = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
 STEADY_NOTE = (
@@ -148,6 +153,7 @@ def summary_markdown(runs: list[Run], charts: list[str]) -> str:
     for note in NOTES[1:]:
         lines += [note, ""]
     lines += moe_markdown(runs)
+    lines += sync_markdown(runs)
     lines += mixture_markdown(runs)
     lines += ["## Charts", ""] + [f"![{Path(c).stem}]({c})" for c in charts]
     return "\n".join(lines) + "\n"
@@ -155,7 +161,8 @@ def summary_markdown(runs: list[Run], charts: list[str]) -> str:
 
 def write_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """Charts (PNG) and summary.md for the runs in `run_dirs`, in `out_dir`; returns the paths."""
-    runs = _unique_names([load_run(Path(d)) for d in run_dirs], [Path(d) for d in run_dirs])
+    loaded = [(run, Path(d)) for d in run_dirs for run in load_runs(Path(d))]
+    runs = _unique_names([run for run, _ in loaded], [d for _, d in loaded])
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: exists and is not a folder")
@@ -167,20 +174,26 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> list[Path]:
         paths.append(line_chart(moe_runs, MOE_CHART, out_dir / MOE_CHART.file))
     if has_mixture(runs):
         paths += mixture_charts(runs, out_dir)
+    if has_sync(runs):
+        paths.append(sync_chart(sync_curves(runs), out_dir / SYNC_FILE))
     summary = out_dir / "summary.md"
     summary.write_text(summary_markdown(runs, [p.name for p in paths]), encoding="utf-8")
     return [*paths, summary]
 
 
 def _unique_names(runs: list[Run], dirs: list[Path]) -> list[Run]:
-    """Label runs that share a folder name by their parent folder too (a/run, b/run)."""
+    """Label runs that share a folder name by their parent folder too (a/run, b/run); a replica
+    group's fault-tolerant run folder (`replica_of`) is renamed with it."""
     names = [run.name for run in runs]
-    out = []
+    out: list[Run] = []
     for run, d in zip(runs, dirs, strict=True):
-        name = run.name
+        name, folder = run.name, run.replica_of
         if names.count(name) > 1:
-            name = f"{d.resolve().parent.name}/{name}"
+            prefix = d.resolve().parent.name
+            name = f"{prefix}/{name}"
+            folder = f"{prefix}/{folder}" if folder is not None else None
         while name in (r.name for r in out):
             name += "'"
-        out.append(dataclasses.replace(run, name=name))
+            folder = f"{folder}'" if folder is not None else None
+        out.append(dataclasses.replace(run, name=name, replica_of=folder))
     return out

@@ -1,11 +1,15 @@
 """Reading run folders for `distrib report`: `config.json` and `metrics.jsonl` only, so it works on
 runs from any machine, finished, crashed or still going. Keys that older runs lack, or logged as
-null, leave their series out rather than fail."""
+null, leave their series out rather than fail. A fault-tolerant run folder
+(`parallel.fault_tolerance`) holds one run folder per replica group, `group0`, `group1`, ...:
+each is read as a run of its own, named `<run>/group<g>`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,34 @@ class Run:
     records: list[dict[str, Any]]  # sorted by step; a repeated step keeps its last occurrence
     first_window_steps: frozenset[int] = frozenset()  # logged first after a (re)start
     wall_time_s: float | None = None  # elapsed_s summed over (re)starts, in file order
+    replica_of: str | None = None  # a replica group's: the name of its fault-tolerant run folder
+
+
+_GROUP = re.compile(r"group(\d+)")
+
+
+def group_dirs(run_dir: Path) -> list[Path]:
+    """The replica-group run folders (`group<g>` with a metrics.jsonl) of a fault-tolerant run
+    folder, by group index; empty for any other folder."""
+    found = []
+    for child in Path(run_dir).iterdir() if Path(run_dir).is_dir() else []:
+        match = _GROUP.fullmatch(child.name)
+        if match and (child / "metrics.jsonl").is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def load_runs(run_dir: Path) -> list[Run]:
+    """The runs of a run folder: itself, or, for a fault-tolerant run folder without a
+    metrics.jsonl of its own, one run per replica group (`<run>/group<g>`)."""
+    run_dir = Path(run_dir)
+    groups = [] if (run_dir / "metrics.jsonl").is_file() else group_dirs(run_dir)
+    if not groups:
+        return [load_run(run_dir)]
+    name = run_dir.resolve().name
+    return [
+        dataclasses.replace(load_run(g), name=f"{name}/{g.name}", replica_of=name) for g in groups
+    ]
 
 
 def load_run(run_dir: Path) -> Run:

@@ -66,4 +66,3 @@ def test_tune_runs_the_best_layouts_and_writes_config_and_devices(
     assert tuned.matmul_efficiency == pytest.approx(summary["calibrated"]["matmul_efficiency"])
     plan_args = ["plan", "--gpus", "2", "--gpu", "cpu", "--devices", str(out / "devices.toml")]
     assert main([*plan_args, *flags, "--top", "2"]) == 0
-
