@@ -4,21 +4,19 @@ resubmitted), heals from its peer and ends with bitwise the same weights and opt
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from tests.launch.conftest import Launched, run_args, wait_for
+from tests.support.replicas import assert_same_state, lighthouse
 from tests.support.runs import records
 
 pytestmark = pytest.mark.slow
-os.environ.setdefault("RUST_LOG", "warn")  # the lighthouse in this process: no INFO per quorum
-lighthouse_server = pytest.importorskip("torchft._torchft").LighthouseServer
+pytest.importorskip("torchft")
 
 STEPS = 400  # group 0 must still be training when group 1 comes back the second time
 # Each group's only rank sleeps 50 ms a step, so that the other group's absence spans steps.
@@ -66,36 +64,8 @@ def _kill_all(launched: Launched) -> None:
     launched.stop()
 
 
-def _final_state(run_dir: Path, tmp: Path, step: int = STEPS) -> dict:
-    """The last checkpoint as one flat dict of tensors and values, this rank's RNG left out
-    (each group draws its own)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{run_dir.name}.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / f"step-{step:08d}", out)
-    state = torch.load(out, weights_only=False)
-    flat: dict = {}
-
-    def walk(value: object, key: str) -> None:
-        if isinstance(value, dict):
-            for name, inner in value.items():
-                walk(inner, f"{key}/{name}")
-        else:
-            flat[key] = value
-
-    walk({k: v for k, v in state.items() if not k.startswith("rng")}, "")
-    return flat
-
-
 def test_lost_group_others_train_on_and_it_heals(data_dir: Path, tmp_path: Path, launch) -> None:
     run_dir = tmp_path / "run"
-    server = lighthouse_server(
-        bind="[::]:0",
-        min_replicas=1,
-        join_timeout_ms=10000,
-        quorum_tick_ms=10,
-        heartbeat_timeout_ms=2000,
-    )
     args = ["bash", "launch/train.sh", *run_args(data_dir, run_dir, *FT_RUN)]
 
     def start(group: int, name: str) -> Launched:
@@ -105,12 +75,12 @@ def test_lost_group_others_train_on_and_it_heals(data_dir: Path, tmp_path: Path,
             NGPU="1",
             REPLICA_GROUP=str(group),
             MAX_RESTARTS="1",
-            TORCHFT_LIGHTHOUSE=server.address(),
+            TORCHFT_LIGHTHOUSE=address,
             PYTHON=sys.executable,
         )
 
     groups = [run_dir / "group0", run_dir / "group1"]
-    try:
+    with lighthouse() as address:
         # Group 0 first: the group furthest on is the one others heal from, so it never jumps.
         first = start(0, "group0")
         wait_for(lambda: _at(groups[0], 1, first), 120, "group 0 at step 1")
@@ -141,8 +111,6 @@ def test_lost_group_others_train_on_and_it_heals(data_dir: Path, tmp_path: Path,
         third = start(1, "group1-again")
         assert first.wait(300) == 0, first.output()
         assert third.wait(300) == 0, third.output()
-    finally:
-        server.shutdown()
 
     # Group 0 never stopped: every step once, in order, and some of them alone.
     solo = [r["step"] for r in records(groups[0]) if r.get("replica_groups") == 1]
@@ -156,14 +124,7 @@ def test_lost_group_others_train_on_and_it_heals(data_dir: Path, tmp_path: Path,
     assert "resumed from" in second.log.read_text()  # torchrun's restart read its checkpoint
     assert steps[-1] == STEPS
     # Afterwards both hold bitwise the same weights, optimizer state, schedule and data position.
-    want, got = _final_state(groups[0], tmp_path), _final_state(groups[1], tmp_path)
-    assert want.keys() == got.keys()
-    for key, value in want.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, got[key]), key
-        else:
-            assert value == got[key], key
-    assert len(want) > 100  # every weight, both moments of each, the schedule, the loader
+    assert_same_state(groups, tmp_path, STEPS)
 
 
 def test_a_late_group_of_fsdp_ranks_heals_from_the_other(
@@ -172,13 +133,6 @@ def test_a_late_group_of_fsdp_ranks_heals_from_the_other(
     """Groups of two FSDP ranks: group 1 starts when group 0 is well on; its first quorum heals
     it (sharded weights and optimizer moments, rank by rank), and both end identical."""
     run_dir = tmp_path / "run"
-    server = lighthouse_server(
-        bind="[::]:0",
-        min_replicas=1,
-        join_timeout_ms=10000,
-        quorum_tick_ms=10,
-        heartbeat_timeout_ms=2000,
-    )
     steps = 200  # group 0 must still be training when group 1 has started (4 processes, 2 cores)
     args = [
         "bash",
@@ -193,13 +147,13 @@ def test_a_late_group_of_fsdp_ranks_heals_from_the_other(
         ),
     ]
     groups = [run_dir / "group0", run_dir / "group1"]
-    try:
+    with lighthouse() as address:
         first = launch(
             "group0",
             args,
             NGPU="2",
             REPLICA_GROUP="0",
-            TORCHFT_LIGHTHOUSE=server.address(),
+            TORCHFT_LIGHTHOUSE=address,
             PYTHON=sys.executable,
         )
         wait_for(lambda: _at(groups[0], 15, first), 120, "group 0 at step 15")
@@ -208,22 +162,13 @@ def test_a_late_group_of_fsdp_ranks_heals_from_the_other(
             args,
             NGPU="2",
             REPLICA_GROUP="1",
-            TORCHFT_LIGHTHOUSE=server.address(),
+            TORCHFT_LIGHTHOUSE=address,
             PYTHON=sys.executable,
         )
         assert first.wait(300) == 0, first.output()
         assert second.wait(300) == 0, second.output()
-    finally:
-        server.shutdown()
     together = [r["step"] for r in records(groups[0]) if r.get("replica_groups") == 2]
     assert together and together[-1] == steps
     assert _steps(groups[1])[0] > 15  # it started at its peer's step, not at 1
     assert [r["step"] for r in records(groups[0]) if r.get("replica_groups") == 1][0] == 1
-    want = _final_state(groups[0], tmp_path, steps)
-    got = _final_state(groups[1], tmp_path, steps)
-    assert want.keys() == got.keys()
-    for key, value in want.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, got[key]), key
-        else:
-            assert value == got[key], key
+    assert_same_state(groups, tmp_path, steps)
