@@ -242,6 +242,12 @@ def cmd_train(cfg: Config) -> None:
 
         # This launch is one replica group: its layout, in its own folder of the run.
         cfg = replica_group_run(cfg, replica_group_index(cfg))
+        if not launch.distributed:
+            raise UserError(
+                "parallel.fault_tolerance = true: start each replica group under a launcher "
+                "(torchrun, srun, mpirun), whose store its torchft manager shares; "
+                "launch/train.sh does it for every group"
+            )
         _check_layout(replica_group_config(cfg), launch.world_size)
     else:
         _check_layout(cfg, launch.world_size)

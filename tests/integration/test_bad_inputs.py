@@ -50,6 +50,9 @@ TRAIN = [
     (["--job.run_dir={tmp}/a-file"], "a-file"),
     (["--job.run_dir={tmp}/a-file/below"], "a-file/below"),
     (["--training.global_batch_size=7"], "training.global_batch_size"),
+    # Fault tolerance without the environment launch/train.sh gives each replica group.
+    (["--parallel.fault_tolerance=true", "--parallel.dp_replicate=2"], "$DISTRIB_REPLICA_GROUP"),
+    (["--training.sync=diloco"], "parallel.fault_tolerance = true"),
 ]
 
 OTHER = [
