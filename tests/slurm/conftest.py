@@ -103,12 +103,13 @@ class Cluster:
             lines += [f"{log.name}: {ln}" for ln in hits[-40:]]
         return "\n".join(lines)
 
-    def job(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, Restarts, NodeList, ...)."""
+    def job(self, job_id: int | str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, NodeList, ...); an array task is
+        `ARRAYJOBID_TASKID`."""
         line = self.run("scontrol", "show", "job", "-o", str(job_id))
         return dict(re.findall(r"(\w+)=(\S*)", line))
 
-    def wait(self, job_id: int, timeout: float = 240) -> dict[str, str]:
+    def wait(self, job_id: int | str, timeout: float = 240) -> dict[str, str]:
         """Poll until the job has ended (`sbatch --wait` polls far more slowly)."""
         deadline = time.monotonic() + timeout
         while True:
